@@ -1,0 +1,296 @@
+"""The cosmolit dataset format: one HDF5 file, a contract that other tools can write too.
+
+Layout (format_version 1)::
+
+    images          float32 (N, B, H, W)  background-subtracted electrons per pixel, channels first
+    clean           float32 (N, B, H, W)  optional: noiseless isolated target (denoising target)
+    truth/<name>    1-D arrays of length N; at least e1, e2, redshift
+    attrs:
+      bands          str, one letter per channel in order, e.g. "ugrizy"
+      pixel_scale    float, arcsec per pixel
+      psf_fwhm       float array (B,), arcsec
+      format_version int (1)
+      seed           int (-1 when unknown)
+      config         YAML text of the full configuration that made the file ("" when unknown)
+      cosmolit_version str
+
+Files are written under a temporary name in the same folder and renamed when complete, so
+a reader never sees a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from cosmolit.errors import UsageError
+
+FORMAT_VERSION = 1
+REQUIRED_TRUTH = ("e1", "e2", "redshift")
+LSST_BANDS = "ugrizy"
+
+
+@dataclass
+class DatasetInfo:
+    """What a reader needs to know about a dataset file, read from its header only."""
+
+    path: str
+    n: int
+    bands: str
+    height: int
+    width: int
+    pixel_scale: float
+    psf_fwhm: list[float]
+    seed: int
+    config: str
+    truth_names: list[str]
+    has_clean: bool
+    format_version: int
+    cosmolit_version: str
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+
+def _attr_str(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "SU":
+        return "".join(v.decode() if isinstance(v, bytes) else str(v) for v in value)
+    return str(value)
+
+
+def inspect_dataset(path: str | Path, require_truth: Sequence[str] = REQUIRED_TRUTH) -> DatasetInfo:
+    """Open `path`, check that it follows the format and return its description.
+
+    Raises UsageError with one line naming the problem: missing file, not HDF5, missing
+    `images` or truth columns, wrong dtype or rank, inconsistent lengths, empty dataset.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"dataset {str(path)!r} does not exist")
+    if path.is_dir():
+        raise UsageError(f"dataset {str(path)!r} is a folder, not an HDF5 file")
+    if not h5py.is_hdf5(path):
+        raise UsageError(f"dataset {str(path)!r} is not an HDF5 file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise UsageError(f"dataset {str(path)!r} cannot be opened as HDF5: {exc}") from None
+    with f:
+        if "images" not in f or not isinstance(f["images"], h5py.Dataset):
+            raise UsageError(f"dataset {str(path)!r} has no 'images' array (expected float32 (N, bands, H, W))")
+        images = f["images"]
+        if images.ndim != 4:
+            raise UsageError(
+                f"dataset {str(path)!r}: 'images' has rank {images.ndim}, expected 4 (N, bands, H, W)"
+            )
+        if images.dtype.kind != "f":
+            raise UsageError(f"dataset {str(path)!r}: 'images' has dtype {images.dtype}, expected float32")
+        n, nb, h, w = images.shape
+        if n == 0:
+            raise UsageError(f"dataset {str(path)!r} is empty (0 images)")
+        bands = _attr_str(f.attrs.get("bands", ""))
+        if not bands:
+            raise UsageError(f"dataset {str(path)!r} has no 'bands' attribute (e.g. 'ugrizy')")
+        if len(bands) != nb:
+            raise UsageError(
+                f"dataset {str(path)!r}: attribute bands={bands!r} names {len(bands)} bands "
+                f"but 'images' has {nb} channels"
+            )
+        truth_names: list[str] = []
+        if "truth" in f:
+            for name, ds in f["truth"].items():
+                if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.shape[0] != n:
+                    raise UsageError(
+                        f"dataset {str(path)!r}: truth/{name} must be a 1-D array of length {n}, "
+                        f"got shape {getattr(ds, 'shape', None)}"
+                    )
+                truth_names.append(name)
+        missing = [t for t in require_truth if t not in truth_names]
+        if missing:
+            raise UsageError(
+                f"dataset {str(path)!r} lacks truth column(s) {', '.join(missing)}; it has: "
+                f"{', '.join(truth_names) or 'none'}"
+            )
+        has_clean = "clean" in f
+        if has_clean and tuple(f["clean"].shape) != tuple(images.shape):
+            raise UsageError(
+                f"dataset {str(path)!r}: 'clean' has shape {f['clean'].shape}, expected {images.shape}"
+            )
+        psf = f.attrs.get("psf_fwhm", [float("nan")] * nb)
+        psf = [float(x) for x in np.atleast_1d(psf)]
+        version = int(f.attrs.get("format_version", FORMAT_VERSION))
+        if version > FORMAT_VERSION:
+            raise UsageError(
+                f"dataset {str(path)!r} has format_version {version}; this cosmolit reads up to {FORMAT_VERSION}"
+            )
+        return DatasetInfo(
+            path=str(path),
+            n=int(n),
+            bands=bands,
+            height=int(h),
+            width=int(w),
+            pixel_scale=float(f.attrs.get("pixel_scale", float("nan"))),
+            psf_fwhm=psf,
+            seed=int(f.attrs.get("seed", -1)),
+            config=_attr_str(f.attrs.get("config", "")),
+            truth_names=truth_names,
+            has_clean=has_clean,
+            format_version=version,
+            cosmolit_version=_attr_str(f.attrs.get("cosmolit_version", "")),
+            attrs={k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()},
+        )
+
+
+def read_truth(path: str | Path, names: Sequence[str] | None = None, index=None) -> dict[str, np.ndarray]:
+    """Truth columns as numpy arrays (all of them when `names` is None)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        group = f["truth"] if "truth" in f else {}
+        names = list(group.keys()) if names is None else list(names)
+        out = {}
+        for name in names:
+            if name not in group:
+                raise UsageError(f"dataset {str(path)!r} lacks truth column {name!r}")
+            arr = group[name][()]
+            out[name] = arr if index is None else arr[index]
+        return out
+
+
+def check_output_path(path: str | Path, force: bool = False, what: str = "output") -> Path:
+    """Refuse an existing output without --force, a folder, or a parent that cannot be written."""
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise UsageError(f"{what} {str(path)!r} is a folder; give a file name")
+    if path.exists() and not force:
+        raise UsageError(f"{what} {str(path)!r} already exists; pass --force to overwrite it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise UsageError(f"folder {str(parent)!r} for the {what} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"folder {str(parent)!r} for the {what} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    On any exception (including KeyboardInterrupt) the temporary file is removed and `path`
+    is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+class DatasetWriter:
+    """Write a dataset file chunk by chunk; it appears under its final name only when closed cleanly.
+
+    >>> with DatasetWriter("set.h5", n=10, bands="ugrizy", height=64, width=64,
+    ...                    truth_names=["e1", "e2", "redshift"], attrs={"seed": 1}) as w:
+    ...     w.write(0, images, {"e1": e1, "e2": e2, "redshift": z})
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        n: int,
+        bands: str,
+        height: int,
+        width: int,
+        truth_names: Sequence[str],
+        attrs: Mapping | None = None,
+        clean: bool = False,
+        truth_dtypes: Mapping[str, str] | None = None,
+        chunk: int = 64,
+    ):
+        self.path = Path(path)
+        self.n, self.bands, self.height, self.width = int(n), bands, int(height), int(width)
+        self.truth_names = list(truth_names)
+        self.attrs = dict(attrs or {})
+        self.with_clean = clean
+        self.truth_dtypes = dict(truth_dtypes or {})
+        self.chunk = max(1, min(int(chunk), self.n))
+        self._ctx = None
+        self._file = None
+        self.written = 0
+
+    def __enter__(self) -> "DatasetWriter":
+        import h5py
+
+        from cosmolit import __version__
+
+        self._ctx = atomic_path(self.path, ".h5")
+        tmp = self._ctx.__enter__()
+        try:
+            f = h5py.File(tmp, "w", track_order=True)
+            shape = (self.n, len(self.bands), self.height, self.width)
+            chunks = (self.chunk, len(self.bands), self.height, self.width)
+            # track_times=False: the same content gives the same bytes.
+            f.create_dataset("images", shape=shape, dtype="f4", chunks=chunks, track_times=False)
+            if self.with_clean:
+                f.create_dataset("clean", shape=shape, dtype="f4", chunks=chunks, track_times=False)
+            g = f.create_group("truth", track_order=True)
+            for name in self.truth_names:
+                g.create_dataset(
+                    name, shape=(self.n,), dtype=self.truth_dtypes.get(name, "f8"), track_times=False
+                )
+            attrs = {
+                "format_version": FORMAT_VERSION,
+                "bands": self.bands,
+                "seed": -1,
+                "config": "",
+                "cosmolit_version": __version__,
+            }
+            attrs.update(self.attrs)
+            for key, value in attrs.items():
+                f.attrs[key] = value
+            self._file = f
+        except BaseException:
+            self._ctx.__exit__(*__import__("sys").exc_info())
+            raise
+        return self
+
+    def write(self, start: int, images: np.ndarray, truth: Mapping[str, np.ndarray], clean: np.ndarray | None = None):
+        stop = start + len(images)
+        self._file["images"][start:stop] = np.asarray(images, dtype=np.float32)
+        if self.with_clean:
+            if clean is None:
+                raise ValueError("this writer stores 'clean' images; pass clean=")
+            self._file["clean"][start:stop] = np.asarray(clean, dtype=np.float32)
+        for name in self.truth_names:
+            self._file["truth"][name][start:stop] = np.asarray(truth[name])
+        self.written += len(images)
+
+    def __exit__(self, exc_type, exc, tb):
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
+        if exc_type is None and self.written != self.n:
+            exc_type = RuntimeError
+            exc = RuntimeError(f"DatasetWriter wrote {self.written} of {self.n} stamps")
+            tb = None
+            self._ctx.__exit__(exc_type, exc, tb)
+            raise exc
+        return self._ctx.__exit__(exc_type, exc, tb)
