@@ -169,6 +169,24 @@ def read_truth(path: str | Path, names: Sequence[str] | None = None, index=None)
         return out
 
 
+def iter_images(path: str | Path, batch_size: int, dataset: str = "images") -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (start, float32 (b, B, H, W)) chunks of a dataset's images; UsageError on NaN or Inf pixels."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        ds = f[dataset]
+        for start in range(0, ds.shape[0], batch_size):
+            block = np.asarray(ds[start : start + batch_size], dtype=np.float32)
+            bad = ~np.isfinite(block)
+            if bad.any():
+                first = start + int(np.argwhere(bad)[0][0])
+                raise UsageError(
+                    f"dataset {str(path)!r}: '{dataset}' holds NaN or Inf pixels ({int(bad.sum())} in stamps "
+                    f"{start}-{start + len(block) - 1}, first in stamp {first}); clean the file first"
+                )
+            yield start, block
+
+
 def check_output_path(path: str | Path, force: bool = False, what: str = "output") -> Path:
     """Refuse an existing output without --force, a folder, or a parent that cannot be written."""
     path = Path(path)
@@ -224,6 +242,7 @@ class DatasetWriter:
         clean: bool = False,
         truth_dtypes: Mapping[str, str] | None = None,
         chunk: int = 64,
+        extras: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
     ):
         self.path = Path(path)
         self.n, self.bands, self.height, self.width = int(n), bands, int(height), int(width)
@@ -232,6 +251,8 @@ class DatasetWriter:
         self.with_clean = clean
         self.truth_dtypes = dict(truth_dtypes or {})
         self.chunk = max(1, min(int(chunk), self.n))
+        # extra per-stamp arrays, name -> (shape after N, dtype), e.g. {"predictions/mean": ((3,), "f4")}
+        self.extras = dict(extras or {})
         self._ctx = None
         self._file = None
         self.written = 0
@@ -256,6 +277,8 @@ class DatasetWriter:
                 g.create_dataset(
                     name, shape=(self.n,), dtype=self.truth_dtypes.get(name, "f8"), track_times=False
                 )
+            for name, (tail, dtype) in self.extras.items():
+                f.create_dataset(name, shape=(self.n, *tail), dtype=dtype, track_times=False)
             attrs = {
                 "format_version": FORMAT_VERSION,
                 "bands": self.bands,
@@ -272,8 +295,11 @@ class DatasetWriter:
             raise
         return self
 
-    def write(self, start: int, images: np.ndarray, truth: Mapping[str, np.ndarray], clean: np.ndarray | None = None):
+    def write(self, start: int, images: np.ndarray, truth: Mapping[str, np.ndarray], clean: np.ndarray | None = None,
+              extra: Mapping[str, np.ndarray] | None = None):
         stop = start + len(images)
+        for name, values in (extra or {}).items():
+            self._file[name][start:stop] = np.asarray(values)
         self._file["images"][start:stop] = np.asarray(images, dtype=np.float32)
         if self.with_clean:
             if clean is None:

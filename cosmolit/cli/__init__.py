@@ -8,7 +8,7 @@ from cosmolit.cli._app import app
 
 # Command modules register themselves on `app` when imported. A module that is not
 # written yet is skipped so that the rest of the CLI keeps working during development.
-_COMMAND_MODULES = ["info", "simulate", "models", "ipu", "bench"]
+_COMMAND_MODULES = ["info", "simulate", "models", "quickstart", "ipu", "bench"]
 for _name in _COMMAND_MODULES:
     try:
         importlib.import_module(f"cosmolit.cli.{_name}")

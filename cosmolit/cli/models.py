@@ -1,0 +1,223 @@
+"""`cosmolit fit | evaluate | predict | generate`: thin commands over cosmolit.train and cosmolit.infer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cosmolit.cli._app import command
+from cosmolit.errors import UsageError
+
+MODEL_HELP = "Model: cnn (shape CNN), bnn (Pyro Bayesian CNN) or vae (generative VAE)."
+
+
+def _positive(value: Optional[int], name: str) -> Optional[int]:
+    if value is not None and value <= 0:
+        raise UsageError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+@command("fit")
+def fit_cmd(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    data: Path = typer.Option(..., "--data", "-d", help="Training dataset (.h5, cosmolit format)."),
+    out: Path = typer.Option(Path("runs/fit"), "--out", "-o", help="Output folder: checkpoints, logs, model.ckpt."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML preset (configs/cnn.yaml, ...)."),
+    accelerator: Optional[str] = typer.Option(None, "--accelerator", "-a", help="auto, cpu, gpu or ipu."),
+    devices: Optional[int] = typer.Option(None, "--devices", help="Number of GPUs (DDP) or IPUs (replicas)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Micro-batch size."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="Number of epochs."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="32-true, 16-mixed or bf16-mixed."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights init, shuffling and sampling."),
+    early_stopping: Optional[int] = typer.Option(None, "--early-stopping", help="Stop after N epochs without val_loss improvement."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.ckpt."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a model on a dataset and save Lightning checkpoints (best, last, model.ckpt)."""
+    from cosmolit.models import MODEL_KINDS
+    from cosmolit.train import fit
+
+    if model not in MODEL_KINDS:
+        raise UsageError(f"unknown model {model!r}; choose one of {', '.join(MODEL_KINDS)}")
+    _positive(batch_size, "--batch-size")
+    _positive(epochs, "--epochs")
+    _positive(devices, "--devices")
+    overrides = {
+        "data": {"batch_size": batch_size},
+        "trainer": {"accelerator": accelerator, "devices": devices, "epochs": epochs, "precision": precision,
+                    "seed": seed, "early_stopping_patience": early_stopping},
+    }
+    result = fit(model, data, out, config=config, overrides=overrides, resume=resume, force=force,
+                 progress=not quiet, echo=typer.echo)
+    val = result.metrics.get("val_loss")
+    typer.echo("")
+    typer.echo(f"trained {model} on {result.accelerator}" + (f"; final val_loss {val:.4g}" if val is not None else ""))
+    typer.echo(f"  model checkpoint  {result.checkpoint}")
+    if result.best is not None:
+        typer.echo(f"  best checkpoint   {result.best}")
+    typer.echo(f"  last checkpoint   {result.last}")
+    typer.echo(f"  logs (CSV)        {result.logs}/metrics.csv")
+    typer.echo(f"next: cosmolit evaluate --ckpt {result.checkpoint} --data DATA.h5 --out {result.out}/eval")
+
+
+@command("evaluate")
+def evaluate_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="A checkpoint written by cosmolit fit."),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset to evaluate on (not the training set)."),
+    out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Output folder: metrics.json, report.md, plots."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Refuse a checkpoint of another model kind."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="BNN weight samples per stamp (default: the model's)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    n_generate: int = typer.Option(1000, "--n-generate", help="VAE: galaxies generated for the comparison."),
+    no_hsm: bool = typer.Option(False, "--no-hsm", help="Skip the GalSim HSM baseline."),
+    accelerator: str = typer.Option("auto", "--accelerator", "-a", help="auto, cpu or gpu (inference)."),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing metrics.json."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Measure a model against truth (and GalSim HSM); write metrics.json, report.md and plots."""
+    from cosmolit.checkpoint import load_model
+    from cosmolit.dataset import inspect_dataset, read_truth
+    from cosmolit.infer import check_dataset_matches, generate_images, inference_device, load_images, predict_shapes
+
+    _positive(batch_size, "--batch-size")
+    _positive(samples, "--samples")
+    _positive(n_generate, "--n-generate")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {str(out)!r} is a file; give a folder for --out")
+    if (out / "metrics.json").exists() and not force:
+        raise UsageError(f"{str(out / 'metrics.json')!r} already exists; pass --force to overwrite it")
+    device = inference_device(accelerator)
+    net, kind, _ = load_model(ckpt, expected=model)
+    targets = list(net.hparams.get("targets", []) or [])
+    info = inspect_dataset(data, require_truth=targets)
+    check_dataset_matches(net, info, ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not quiet
+    if kind == "vae":
+        from cosmolit.measure.report import evaluate_generation
+
+        real = load_images(data, limit=max(n_generate, 16))
+        generated = generate_images(net, n_generate, seed, device=device, progress=progress)
+        recon = _reconstructions(net, data, info, device, n=8)
+        metrics = evaluate_generation(out, real, generated, info.bands, info.pixel_scale,
+                                      reconstructions=recon, progress=progress)
+    else:
+        from cosmolit.measure.report import evaluate_shapes
+
+        preds = predict_shapes(net, kind, data, batch_size=batch_size, samples=samples, device=device,
+                               progress=progress)
+        truth = read_truth(data)
+        import numpy as np
+
+        y = np.stack([truth[t] for t in targets], axis=1).astype(np.float64)
+        metrics = evaluate_shapes(
+            out, y, preds["mean"], preds["cov"], targets, truth,
+            load_images(data) if not no_hsm else None, info, kind,
+            epistemic_cov=preds.get("epistemic_cov"), hsm=not no_hsm, progress=progress,
+        )
+    typer.echo(f"evaluated {kind} checkpoint {ckpt} on {data} ({info.n} stamps)")
+    for key in ("e1", "e2"):
+        if isinstance(metrics.get(key), dict):
+            m = metrics[key]
+            line = f"  {key}: rmse {m['rmse']:.4f}  m {m['m']:+.4f} +- {m['m_err']:.4f}  c {m['c']:+.5f} +- {m['c_err']:.5f}"
+            reg = (metrics.get("hsm_regauss") or {}).get(key)
+            if isinstance(reg, dict):
+                line += f"   (HSM REGAUSS rmse {reg['rmse']:.4f})"
+            typer.echo(line)
+    typer.echo(f"  metrics  {out / 'metrics.json'}")
+    typer.echo(f"  report   {out / 'report.md'}")
+
+
+def _reconstructions(net, data, info, device, n: int = 8):
+    import h5py
+    import numpy as np
+    import torch
+
+    with h5py.File(data, "r") as f:
+        k = min(n, info.n)
+        inputs = np.asarray(f["images"][:k], dtype=np.float32)
+        targets = np.asarray(f["clean"][:k], dtype=np.float32) if "clean" in f else inputs
+    with torch.no_grad():
+        recon = net.to(device).reconstruct(torch.from_numpy(inputs).to(device)).float().cpu().numpy()
+    return inputs, targets, recon
+
+
+@command("predict")
+def predict_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="A CNN or BNN checkpoint written by cosmolit fit."),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset (.h5) to run the model on."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output dataset (.h5): images, truth and predictions/."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="BNN weight samples per stamp (default 100)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    accelerator: str = typer.Option("auto", "--accelerator", "-a", help="auto, cpu or gpu."),
+    force: bool = typer.Option(False, "--force"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Predict shapes (and uncertainties) for every stamp; writes the dataset format plus predictions/."""
+    from cosmolit.checkpoint import load_model
+    from cosmolit.dataset import check_output_path, inspect_dataset
+    from cosmolit.infer import check_dataset_matches, inference_device, predict_shapes, write_predictions
+
+    _positive(batch_size, "--batch-size")
+    _positive(samples, "--samples")
+    check_output_path(out, force)
+    device = inference_device(accelerator)
+    net, kind, _ = load_model(ckpt)
+    if kind == "vae":
+        raise UsageError(f"checkpoint {str(ckpt)!r} holds a vae model; predict needs a cnn or bnn (use generate)")
+    info = inspect_dataset(data, require_truth=())
+    check_dataset_matches(net, info, ckpt)
+    preds = predict_shapes(net, kind, data, batch_size=batch_size, samples=samples, device=device, progress=not quiet)
+    targets = list(net.hparams["targets"])
+    write_predictions(out, data, preds, targets, {"prediction_checkpoint": str(ckpt), "prediction_model": kind})
+    typer.echo(f"wrote predictions of {', '.join(targets)} for {info.n} stamps to {out} "
+               f"(predictions/{', predictions/'.join(preds)})")
+
+
+@command("generate")
+def generate_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="A VAE checkpoint written by cosmolit fit --model vae."),
+    n: int = typer.Option(..., "--n", help="Number of galaxies to generate."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output dataset (.h5)."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write a grid of the first galaxies as PNG."),
+    seed: int = typer.Option(0, "--seed"),
+    prior: bool = typer.Option(False, "--prior", help="Sample latents from N(0, I) instead of the fitted flow."),
+    batch_size: int = typer.Option(500, "--batch-size", "-b"),
+    accelerator: str = typer.Option("auto", "--accelerator", "-a", help="auto, cpu or gpu."),
+    force: bool = typer.Option(False, "--force"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Generate galaxy images with a trained VAE (flow or prior latents); writes the dataset format."""
+    import numpy as np
+
+    from cosmolit.checkpoint import load_model
+    from cosmolit.dataset import DatasetWriter, check_output_path
+    from cosmolit.infer import generate_images, inference_device
+
+    _positive(n, "--n")
+    _positive(batch_size, "--batch-size")
+    check_output_path(out, force)
+    if png is not None:
+        check_output_path(png, force, what="PNG")
+    device = inference_device(accelerator)
+    net, _, ckpt_data = load_model(ckpt, expected="vae")
+    images = generate_images(net, n, seed, batch_size=batch_size, prior=prior, device=device, progress=not quiet)
+    hp = net.hparams
+    bands, stamp = str(hp["bands"]), int(hp["stamp"])
+    nan = np.full(n, np.nan)
+    attrs = {"pixel_scale": float((hp.get("provenance") or {}).get("pixel_scale", 0.2)),
+             "psf_fwhm": np.asarray((hp.get("provenance") or {}).get("psf_fwhm", [np.nan] * len(bands)), float),
+             "seed": seed, "generator": f"cosmolit generate ({'prior' if prior else 'flow'})",
+             "config": f"generate: {{ckpt: {str(ckpt)!r}, n: {n}, seed: {seed}, prior: {str(prior).lower()}}}\n"}
+    with DatasetWriter(out, n, bands, stamp, stamp, ["e1", "e2", "redshift", "is_generated"], attrs=attrs) as w:
+        w.write(0, images, {"e1": nan, "e2": nan, "redshift": nan, "is_generated": np.ones(n)})
+    typer.echo(f"generated {n} galaxies ({bands}, {stamp}x{stamp}) -> {out}")
+    if png is not None:
+        from cosmolit.measure.plots import stamp_grid
+
+        stamp_grid(images[:64], bands, png)
+        typer.echo(f"grid of the first {min(n, 64)} -> {png}")

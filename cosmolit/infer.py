@@ -1,0 +1,114 @@
+"""Run a trained model over a dataset file, stream by stream, without a Trainer.
+
+Used by `cosmolit predict`, `cosmolit evaluate` and `cosmolit generate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+import numpy as np
+
+from cosmolit.dataset import DatasetInfo, DatasetWriter, inspect_dataset, iter_images, read_truth
+from cosmolit.errors import UsageError
+
+
+def inference_device(accelerator: str) -> str:
+    """'auto' | 'cpu' | 'gpu' -> a torch device string for plain-torch inference."""
+    import torch
+
+    if accelerator not in ("auto", "cpu", "gpu"):
+        raise UsageError(f"--accelerator {accelerator!r} is not allowed here; choose auto, cpu or gpu")
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise UsageError("--accelerator gpu: no CUDA device is visible to torch")
+    return "cuda" if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def check_dataset_matches(model, info: DatasetInfo, ckpt_path) -> None:
+    hp = model.hparams
+    if str(hp.get("bands")) != info.bands:
+        raise UsageError(
+            f"dataset {info.path!r} has bands {info.bands!r} but checkpoint {str(ckpt_path)!r} was trained on "
+            f"{hp.get('bands')!r}"
+        )
+    stamp = int(hp.get("stamp"))
+    if (info.height, info.width) != (stamp, stamp):
+        raise UsageError(
+            f"dataset {info.path!r} has {info.height}x{info.width} stamps but checkpoint {str(ckpt_path)!r} "
+            f"expects {stamp}x{stamp}"
+        )
+
+
+def predict_shapes(model, kind: str, path, batch_size: int = 64, samples: int | None = None,
+                   device: str = "cpu", progress: bool = True) -> dict[str, np.ndarray]:
+    """Predictions of a shape model over a file: mean (N, T), cov (N, T, T) and, for the BNN,
+    aleatoric_cov and epistemic_cov (N, T, T)."""
+    import torch
+
+    from cosmolit.progress import progress_bar
+
+    info = inspect_dataset(path, require_truth=())
+    model = model.to(device).eval()
+    out: dict[str, list] = {}
+    with torch.no_grad(), progress_bar(info.n, "predicting", enabled=progress) as advance:
+        for _, block in iter_images(path, batch_size):
+            x = torch.from_numpy(block).to(device)
+            if kind == "bnn":
+                res = model.predict_samples(x, samples=samples or int(model.hparams.get("samples", 100)))
+                parts = {"mean": res["mean"], "cov": res["total_cov"],
+                         "aleatoric_cov": res["aleatoric_cov"], "epistemic_cov": res["epistemic_cov"]}
+            else:
+                mean, scale_tril = model(x)
+                parts = {"mean": mean, "cov": scale_tril @ scale_tril.transpose(-1, -2)}
+            for key, value in parts.items():
+                out.setdefault(key, []).append(value.detach().float().cpu().numpy())
+            advance(len(block))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def write_predictions(out: Path, data: Path, preds: dict[str, np.ndarray], targets: list[str],
+                      attrs: dict, batch_size: int = 256) -> None:
+    """A dataset-format file: the input images and truth, plus predictions/<key> arrays."""
+    info = inspect_dataset(data, require_truth=())
+    truth = read_truth(data)
+    extras = {f"predictions/{k}": (v.shape[1:], "f4") for k, v in preds.items()}
+    file_attrs = {k: v for k, v in info.attrs.items() if k not in ("cosmolit_version",)}
+    file_attrs.update(attrs)
+    file_attrs["prediction_targets"] = ",".join(targets)
+    dtypes = {k: v.dtype.str for k, v in truth.items()}
+    with DatasetWriter(out, info.n, info.bands, info.height, info.width, list(truth), attrs=file_attrs,
+                       truth_dtypes=dtypes, extras=extras, chunk=min(64, info.n)) as w:
+        for start, block in iter_images(data, batch_size):
+            stop = start + len(block)
+            w.write(start, block, {k: v[start:stop] for k, v in truth.items()},
+                    extra={f"predictions/{k}": v[start:stop] for k, v in preds.items()})
+
+
+def generate_images(model, n: int, seed: int, batch_size: int = 500, prior: bool = False,
+                    device: str = "cpu", progress: bool = True) -> np.ndarray:
+    """n generated stamps (n, B, H, W) in electrons, reproducible for a seed."""
+    import torch
+
+    from cosmolit.progress import progress_bar
+
+    model = model.to(device).eval()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    chunks = []
+    with torch.no_grad(), progress_bar(n, "generating", enabled=progress) as advance:
+        for start in range(0, n, batch_size):
+            m = min(batch_size, n - start)
+            imgs = model.sample(m, generator=gen, from_flow=not prior)
+            chunks.append(imgs.detach().float().cpu().numpy())
+            advance(m)
+    return np.concatenate(chunks)
+
+
+def load_images(path, limit: int | None = None, batch_size: int = 256) -> np.ndarray:
+    """Images of a file (the first `limit`), checked for NaN/Inf."""
+    blocks = []
+    for start, block in iter_images(path, batch_size):
+        blocks.append(block)
+        if limit is not None and start + len(block) >= limit:
+            break
+    images = np.concatenate(blocks)
+    return images if limit is None else images[:limit]

@@ -1,0 +1,95 @@
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cosmolit.config import dump_yaml, from_dict, load_config, read_yaml
+from cosmolit.errors import UsageError
+
+
+@dataclass
+class Inner:
+    width: int = 4
+    scale: float = 1.0
+
+
+@dataclass
+class Schema:
+    name: str = "x"
+    n: int = 3
+    ratio: float = 0.5
+    flag: bool = False
+    mode: Literal["a", "b"] = "a"
+    sizes: tuple = (1, 2)
+    maybe: Optional[int] = None
+    inner: Inner = field(default_factory=Inner)
+
+    def __post_init__(self):
+        if self.n <= 0:
+            raise ValueError(f"n must be positive, got {self.n}")
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("n: 7\ninner:\n  width: 9\n")
+    cfg = load_config(p, Schema, overrides={"ratio": 2, "name": None})
+    assert cfg.n == 7 and cfg.inner.width == 9 and cfg.ratio == 2.0 and cfg.name == "x"
+    assert isinstance(cfg.ratio, float)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("nn: 3\n", "unknown key 'nn'"),
+        ("n: three\n", "expected an integer"),
+        ("n: 1.5\n", "expected an integer"),
+        ("flag: 1\n", "expected true or false"),
+        ("mode: c\n", "not allowed"),
+        ("inner: 3\n", "expected a mapping"),
+        ("inner:\n  depth: 2\n", "unknown key 'depth'"),
+        ("n: -1\n", "n must be positive"),
+        ("- a\n- b\n", "must hold a mapping"),
+        ("n: [1\n", "not valid YAML"),
+    ],
+)
+def test_bad_configs_give_one_line(tmp_path, text, fragment):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(UsageError) as exc:
+        load_config(p, Schema)
+    assert fragment in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_file():
+    with pytest.raises(UsageError, match="does not exist"):
+        read_yaml("/nonexistent/config.yaml")
+
+
+def test_dump_round_trip():
+    cfg = Schema(n=5, inner=Inner(width=2))
+    import yaml
+
+    again = from_dict(Schema, yaml.safe_load(dump_yaml(cfg)))
+    assert again.n == 5 and again.inner.width == 2 and tuple(again.sizes) == (1, 2)
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(["name", "n", "ratio", "flag", "mode", "sizes", "maybe", "inner", "bogus"]),
+                       yaml_values, max_size=5))
+def test_any_mapping_builds_or_fails_cleanly(data):
+    try:
+        cfg = from_dict(Schema, data)
+    except UsageError as exc:
+        assert str(exc) and "\n" not in str(exc)
+    else:
+        assert isinstance(cfg.n, int) and cfg.n > 0
