@@ -1,6 +1,28 @@
-"""Accelerator selection (cpu, gpu, ipu) and the few IPU rules models must follow."""
+"""Accelerator selection (cpu, gpu, ipu) and the few IPU rules models must follow.
+
+Rules for a LightningModule that should also run on an IPU (checked by `cosmolit check-ipu`):
+one loss out of the step, marked with `mark_loss`; no `.item()`, `bool(tensor)` or
+`float(tensor)` inside a step; static shapes (drop_last on the training loader); one torch
+optimizer (SGD, Adam, AdamW, RMSprop); no `self.log` inside `*_step` when `on_ipu(self)`
+(log from the epoch-end hooks instead); no `transfer_batch_to_device` override.
+"""
 
 from __future__ import annotations
+
+from typing import Callable, Optional
+
+from cosmolit.backends.select import (
+    ACCELERATORS,
+    IPUOptions,
+    check_ipu_stack,
+    is_ipu_stack,
+    poptorch_available,
+    resolve_accelerator,
+    trainer_kwargs,
+)
+
+# Set by cosmolit.backends.check while it records a step: called with each loss mark_loss sees.
+_loss_hook: Optional[Callable] = None
 
 
 def on_ipu(module) -> bool:
@@ -10,9 +32,27 @@ def on_ipu(module) -> bool:
 
 
 def mark_loss(module, loss):
-    """Mark a hand-written loss as the step's single loss: poptorch.identity_loss on IPU, identity elsewhere."""
+    """Mark a hand-written loss as the step's single loss: poptorch.identity_loss on IPU, identity elsewhere.
+
+    `loss` must be a scalar tensor (already reduced), so the mean reduction leaves it unchanged.
+    """
     if on_ipu(module):
         import poptorch
 
-        return poptorch.identity_loss(loss, reduction="mean")
+        loss = poptorch.identity_loss(loss, reduction="mean")
+    if _loss_hook is not None:
+        _loss_hook(loss)
     return loss
+
+
+__all__ = [
+    "ACCELERATORS",
+    "IPUOptions",
+    "check_ipu_stack",
+    "is_ipu_stack",
+    "mark_loss",
+    "on_ipu",
+    "poptorch_available",
+    "resolve_accelerator",
+    "trainer_kwargs",
+]

@@ -1,0 +1,150 @@
+"""Mean-field Gaussian weights for Bayesian networks, in plain torch.
+
+The building blocks shared by the Pyro BNN (cosmolit.models.bnn) and a hand-written
+reparameterised reference BNN with the same layers (`TorchBayesianShapeNet`, used by the
+benchmarks to measure what Pyro's bookkeeping costs).
+
+Conventions, as the study's TensorFlow-Probability layers (Convolution2DReparameterization,
+DenseReparameterization; Arcelin 2021, arXiv:2106.02465):
+
+- every convolution and linear WEIGHT is a random variable; biases, BatchNorm and PReLU slopes
+  are point estimates;
+- posterior q(w) = Normal(loc, softplus(rho)) per weight entry, loc He-normal initialised,
+  rho initialised at `init_scale` (-9 by default: a standard deviation of about 1.2e-4, so the
+  network starts almost deterministic);
+- prior p(w) = Normal(0, prior_scale) per entry.
+
+A network is made Bayesian by *stripping* its weights: `strip_weights(net)` removes the
+`weight` parameter of each nn.Conv2d / nn.Linear and returns the sites; the forward pass then
+supplies the weights with `torch.func.functional_call(net, {"<site>.weight": w, ...}, (x,))`.
+With a leading sample dimension on every weight, `torch.func.vmap` runs S weight draws in one
+pass (convolutions become grouped convolutions inside vmap).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BAYES_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+def strip_weights(net: nn.Module) -> list[tuple[str, torch.Size]]:
+    """Remove the `weight` parameter of every conv / linear layer of `net` (in place).
+
+    Returns [(site name, weight shape)] in module order; the site name is the module's
+    dotted path (e.g. "trunk.blocks.0.conv1"), the functional_call key is name + ".weight".
+    """
+    sites = []
+    for name, module in net.named_modules():
+        if isinstance(module, BAYES_LAYERS) and isinstance(module._parameters.get("weight"), nn.Parameter):
+            sites.append((name, module.weight.shape))
+            del module.weight  # the forward pass supplies it through functional_call
+    return sites
+
+
+def he_normal_(t: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """He-normal (fan-in, gain sqrt 2) initialisation in place, as Keras' he_normal (untruncated)."""
+    fan_in = t[0].numel()
+    with torch.no_grad():
+        return t.normal_(0.0, math.sqrt(2.0 / fan_in), generator=generator)
+
+
+class MeanFieldWeights(nn.Module):
+    """loc and untransformed scale (rho) per weight entry of each site: 2 x (number of weights) parameters.
+
+    Parameters are ordinary nn.Parameters (`loc.<i>`, `rho.<i>`), so Lightning checkpoints hold
+    them and a torch optimizer trains them.
+    """
+
+    def __init__(self, sites: list[tuple[str, torch.Size]], init_scale: float = -9.0,
+                 init_scale_std: float = 0.1, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.names = [name for name, _ in sites]
+        self.loc = nn.ParameterList()
+        self.rho = nn.ParameterList()
+        for _, shape in sites:
+            loc = he_normal_(torch.empty(shape), generator)
+            rho = torch.empty(shape).normal_(init_scale, init_scale_std, generator=generator)
+            self.loc.append(nn.Parameter(loc))
+            self.rho.append(nn.Parameter(rho))
+
+    def scales(self) -> list[torch.Tensor]:
+        return [F.softplus(r) for r in self.rho]
+
+    def rsample(self, samples: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                detach: bool = False) -> list[torch.Tensor]:
+        """One reparameterised draw per site, or `samples` draws stacked on a leading dim (S, *shape)."""
+        out = []
+        for loc, rho in zip(self.loc, self.rho):
+            if detach:
+                loc, rho = loc.detach(), rho.detach()
+            shape = loc.shape if samples is None else (samples,) + tuple(loc.shape)
+            if generator is None:
+                eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)
+            else:
+                eps = torch.randn(shape, generator=generator, dtype=loc.dtype, device=generator.device)
+                eps = eps.to(loc.device)
+            out.append(loc + F.softplus(rho) * eps)
+        return out
+
+    def kl(self, prior_scale: float = 1.0) -> torch.Tensor:
+        """Closed-form KL(q || N(0, prior_scale)) summed over every weight entry (a 0-dim tensor)."""
+        total = self.loc[0].new_zeros(())
+        log_p = math.log(prior_scale)
+        for loc, rho in zip(self.loc, self.rho):
+            scale = F.softplus(rho)
+            # KL(N(m, s) || N(0, p)) = log(p / s) + (s^2 + m^2) / (2 p^2) - 1/2
+            term = log_p - torch.log(scale) + (scale * scale + loc * loc) / (2.0 * prior_scale**2) - 0.5
+            total = total + term.sum()
+        return total
+
+    def as_dict(self, weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """functional_call mapping {"<site>.weight": tensor}."""
+        return {f"{name}.weight": w for name, w in zip(self.names, weights)}
+
+
+def build_shape_net(in_channels: int, stamp: int, filters=(32, 64, 128, 256), prelu: str = "element",
+                    targets: int = 3) -> nn.Module:
+    """The shape network (Trunk -> GaussianHead raw outputs), deterministic, as ShapeCNN builds it."""
+    from cosmolit.nn.gaussian import GaussianHead
+    from cosmolit.nn.trunk import Trunk
+
+    trunk = Trunk(in_channels=in_channels, stamp=stamp, filters=tuple(filters), prelu=prelu)
+    return nn.Sequential(trunk, GaussianHead(trunk.out_features, targets))
+
+
+class TorchBayesianShapeNet(nn.Module):
+    """Reference BNN without Pyro: the same layers, priors, guide and loss as BayesianShapeCNN.
+
+    `loss(x, y)` = mean Gaussian NLL + KL / train_size with one reparameterised weight draw,
+    written directly in torch. x is the network input (already normalised), (B, C, H, W).
+    """
+
+    def __init__(self, in_channels: int = 6, stamp: int = 64, filters=(32, 64, 128, 256),
+                 prelu: str = "element", targets: int = 3, prior_scale: float = 1.0,
+                 init_scale: float = -9.0, train_size: int = 8000, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.targets = targets
+        self.prior_scale = float(prior_scale)
+        self.train_size = int(train_size)
+        self.net = build_shape_net(in_channels, stamp, filters, prelu, targets)
+        self.weights = MeanFieldWeights(strip_weights(self.net), init_scale, generator=gen)
+
+    def forward(self, x: torch.Tensor):
+        """(mean (B, T), scale_tril (B, T, T)) with one fresh weight draw."""
+        from cosmolit.nn.gaussian import head_to_gaussian
+
+        raw = torch.func.functional_call(self.net, self.weights.as_dict(self.weights.rsample()), (x,))
+        return head_to_gaussian(raw, self.targets)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from cosmolit.nn.gaussian import gaussian_nll
+
+        mean, scale_tril = self(x)
+        return gaussian_nll(y, mean, scale_tril).mean() + self.weights.kl(self.prior_scale) / self.train_size
