@@ -77,31 +77,38 @@ class MeanFieldWeights(nn.Module):
         return [F.softplus(r) for r in self.rho]
 
     def rsample(self, samples: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                detach: bool = False) -> list[torch.Tensor]:
-        """One reparameterised draw per site, or `samples` draws stacked on a leading dim (S, *shape)."""
+                detach: bool = False, scales: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
+        """One reparameterised draw per site, or `samples` draws stacked on a leading dim (S, *shape).
+
+        `scales` (from `scales()`) avoids computing the softplus twice when the KL needs it too.
+        """
+        if scales is None:
+            scales = self.scales()
         out = []
-        for loc, rho in zip(self.loc, self.rho):
+        for loc, scale in zip(self.loc, scales):
             if detach:
-                loc, rho = loc.detach(), rho.detach()
+                loc, scale = loc.detach(), scale.detach()
             shape = loc.shape if samples is None else (samples,) + tuple(loc.shape)
             if generator is None:
                 eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)
             else:
                 eps = torch.randn(shape, generator=generator, dtype=loc.dtype, device=generator.device)
                 eps = eps.to(loc.device)
-            out.append(loc + F.softplus(rho) * eps)
+            out.append(loc + scale * eps)
         return out
 
-    def kl(self, prior_scale: float = 1.0) -> torch.Tensor:
+    def kl(self, prior_scale: float = 1.0, scales: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
         """Closed-form KL(q || N(0, prior_scale)) summed over every weight entry (a 0-dim tensor)."""
+        if scales is None:
+            scales = self.scales()
         total = self.loc[0].new_zeros(())
         log_p = math.log(prior_scale)
-        for loc, rho in zip(self.loc, self.rho):
-            scale = F.softplus(rho)
-            # KL(N(m, s) || N(0, p)) = log(p / s) + (s^2 + m^2) / (2 p^2) - 1/2
-            term = log_p - torch.log(scale) + (scale * scale + loc * loc) / (2.0 * prior_scale**2) - 0.5
+        inv_2p2 = 0.5 / prior_scale**2
+        for loc, scale in zip(self.loc, scales):
+            # KL(N(m, s) || N(0, p)) = log(p / s) + (s^2 + m^2) / (2 p^2) - 1/2, summed
+            term = (scale * scale + loc * loc) * inv_2p2 - torch.log(scale)
             total = total + term.sum()
-        return total
+        return total + (log_p - 0.5) * sum(loc.numel() for loc in self.loc)
 
     def as_dict(self, weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """functional_call mapping {"<site>.weight": tensor}."""
@@ -140,11 +147,19 @@ class TorchBayesianShapeNet(nn.Module):
         """(mean (B, T), scale_tril (B, T, T)) with one fresh weight draw."""
         from cosmolit.nn.gaussian import head_to_gaussian
 
-        raw = torch.func.functional_call(self.net, self.weights.as_dict(self.weights.rsample()), (x,))
+        return self._run(x, self.weights.rsample())
+
+    def _run(self, x: torch.Tensor, weights: list[torch.Tensor]):
+        from cosmolit.nn.gaussian import head_to_gaussian
+
+        raw = torch.func.functional_call(self.net, self.weights.as_dict(weights), (x,))  # (B, P)
         return head_to_gaussian(raw, self.targets)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean Gaussian NLL + KL / train_size with one weight draw (softplus computed once)."""
         from cosmolit.nn.gaussian import gaussian_nll
 
-        mean, scale_tril = self(x)
-        return gaussian_nll(y, mean, scale_tril).mean() + self.weights.kl(self.prior_scale) / self.train_size
+        scales = self.weights.scales()
+        mean, scale_tril = self._run(x, self.weights.rsample(scales=scales))
+        kl = self.weights.kl(self.prior_scale, scales=scales)
+        return gaussian_nll(y, mean, scale_tril).mean() + kl / self.train_size

@@ -73,8 +73,12 @@ class Decoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Conv2d(c_in, out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """z (B, L) -> (B, C, stamp, stamp). channels_last=True runs the convolutions in NHWC memory
+        layout (same values; about 2x faster on CPU with oneDNN); keep False in compiled (IPU) steps."""
         h = self.dense(z)  # (B, base*base*F0)
         h = h.view(z.shape[0], self.first, self.base, self.base)  # (B, F0, base, base)
+        if channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         h = self.blocks(h)  # (B, F_last, stamp, stamp)
         return self.head(h)  # (B, C, stamp, stamp)

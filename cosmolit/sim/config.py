@@ -57,6 +57,7 @@ class PopulationConfig:
     hlr_min: float = 0.1  # [arcsec]
     hlr_max: float = 3.0  # [arcsec]
     z_max: float = 3.5
+    disk_only: bool = False  # no bulges (bulge_frac 0): pure exponential disks, e.g. for shape tests
 
     def __post_init__(self):
         if not self.mag_i_min < self.mag_i_max:

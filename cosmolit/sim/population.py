@@ -154,6 +154,7 @@ class EmbeddedPopulation:
         z = float(np.clip(rng.gamma(3.0, z0), 0.01, cfg.z_max))
         lo, hi = _BULGE_FRAC_RANGE[sed_type]
         bf = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
+        bf = 0.0 if cfg.disk_only else bf  # the draw above still happens: same stream either way
         r_d = np.exp(-1.145 - 0.269 * (m - 23.0)) * 1.678  # median disk hlr [arcsec]
         hlr_d = float(np.clip(r_d * np.exp(cfg.size_scatter * rng.standard_normal()), cfg.hlr_min, cfg.hlr_max))
         hlr_b = float(max(hlr_d * rng.uniform(*_BULGE_HLR_RATIO), 0.05))

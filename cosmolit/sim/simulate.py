@@ -1,0 +1,242 @@
+"""Running the simulator: in memory (draw_stamps), to a file with workers and shards, and merging shards.
+
+Stamp `i` of a run always comes from SeedSequence(seed) child `i`, and stamps are written in
+fixed global blocks of UNIT stamps, in order; so the bytes of a file depend only on (config, n,
+seed), never on the number of workers, and merged shards equal a single run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from cosmolit.dataset import DatasetWriter, check_output_path, inspect_dataset
+from cosmolit.errors import UsageError
+from cosmolit.sim.config import SimulationConfig, config_from_yaml_text
+
+UNIT = 16  # stamps per work unit and per write; fixed so that files never depend on workers
+
+_DRAWERS: dict = {}  # per-process cache: config YAML -> StampDrawer
+
+
+def _drawer(config_yaml: str, psf: bool = True):
+    key = (config_yaml, psf)
+    if key not in _DRAWERS:
+        from cosmolit.sim.draw import StampDrawer
+
+        _DRAWERS.clear()
+        _DRAWERS[key] = StampDrawer(config_from_yaml_text(config_yaml), psf=psf)
+    return _DRAWERS[key]
+
+
+def _draw_range(args: tuple) -> tuple[int, np.ndarray, np.ndarray, dict]:
+    """Worker job: stamps [start, stop) -> (start, images (b, B, H, W), clean (b, B, H, W), truth columns)."""
+    config_yaml, seed, start, stop, psf = args
+    d = _drawer(config_yaml, psf)
+    images, cleans, rows = [], [], []
+    for index in range(start, stop):
+        image, clean, truth = d.draw(seed, index)
+        images.append(image)
+        cleans.append(clean)
+        rows.append(truth)
+    truth = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    return start, np.stack(images), np.stack(cleans), truth
+
+
+def _worker_init() -> None:
+    # Ctrl-C goes to the parent only, which terminates the pool cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _check_run(n: int, seed: int, workers: int) -> None:
+    for name, value in (("n", n), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def draw_stamps(config: SimulationConfig, n: int, seed: int, start: int = 0, psf: bool = True):
+    """Stamps start .. start+n-1 in memory: (images (n, B, H, W) float32, clean (n, B, H, W), truth dict).
+
+    `psf=False` (for tests) draws the galaxies without PSF. Same values as simulate_to_file.
+    """
+    _check_run(n, seed, 1)
+    _, images, clean, truth = _draw_range((config.to_yaml(), seed, start, start + n, psf))
+    return images, clean, truth
+
+
+def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """Global stamp range [lo, hi) of shard `shard` of `num_shards`."""
+    return shard * n // num_shards, (shard + 1) * n // num_shards
+
+
+def _units(lo: int, hi: int) -> list[tuple[int, int]]:
+    """Global UNIT-aligned blocks intersected with [lo, hi)."""
+    out, start = [], lo
+    while start < hi:
+        stop = min((start // UNIT + 1) * UNIT, hi)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def _run_units(jobs: list[tuple], workers: int) -> Iterator[tuple]:
+    """Results of _draw_range over `jobs`, in order; a pool of `workers` processes when > 1."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield _draw_range(job)
+        return
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    if method == "fork":
+        _drawer(jobs[0][0], jobs[0][4])  # built once here, inherited by every forked worker
+    pool = mp.get_context(method).Pool(min(workers, len(jobs)), initializer=_worker_init)
+    try:
+        yield from pool.imap(_draw_range, jobs, chunksize=1)
+        pool.close()
+    except BaseException:
+        pool.terminate()  # Ctrl-C, kill or an error: stop the workers now, the writer drops its temp file
+        raise
+    finally:
+        pool.join()
+
+
+def _file_attrs(config: SimulationConfig, seed: int, n_total: int, shard: int, num_shards: int, lo: int) -> dict:
+    from cosmolit.sim.survey import band_surveys
+
+    return {
+        "pixel_scale": float(config.pixel_scale),
+        "psf_fwhm": np.array([b.psf_fwhm for b in band_surveys(config)]),
+        "seed": int(seed),
+        "config": config.to_yaml(),
+        "generator": "cosmolit.sim",
+        "n_total": int(n_total),
+        "shard_index": int(shard),
+        "num_shards": int(num_shards),
+        "shard_start": int(lo),
+    }
+
+
+def simulate_to_file(
+    config: SimulationConfig,
+    out: str | Path,
+    n: int,
+    seed: int,
+    workers: int = 1,
+    shard: int | None = None,
+    num_shards: int = 1,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Simulate `n` stamps (or shard `shard` of `num_shards` of them) into the dataset file `out`.
+
+    Raises UsageError (nothing written) for bad arguments, an existing `out` without force, an
+    unwritable folder or an unusable catalog. Returns the path written.
+    """
+    from cosmolit.dataset import LSST_BANDS  # noqa: F401  (format constants live there)
+    from cosmolit.progress import progress_bar
+    from cosmolit.sim.draw import truth_columns
+
+    _check_run(n, seed, workers)
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise UsageError(f"num_shards must be a positive integer, got {num_shards!r}")
+    if shard is None:
+        if num_shards != 1:
+            raise UsageError(f"--num-shards {num_shards} needs --shard i with 0 <= i < {num_shards}")
+        shard = 0
+    if not 0 <= shard < num_shards:
+        raise UsageError(f"shard index must satisfy 0 <= shard < num_shards={num_shards}, got {shard}")
+    if num_shards > n:
+        raise UsageError(f"num_shards ({num_shards}) cannot exceed n ({n})")
+    out = check_output_path(out, force)
+    if config.catalog is not None:  # fail early, before any work, on a bad catalog
+        from cosmolit.sim.catalog import load_catalog
+
+        load_catalog(config.catalog, config.population.mag_i_max)
+    lo, hi = shard_range(n, shard, num_shards)
+    names, dtypes = truth_columns(config)
+    text = config.to_yaml()
+    jobs = [(text, seed, a, b, True) for a, b in _units(lo, hi)]
+    size = config.stamp_size
+    with DatasetWriter(out, hi - lo, config.bands, size, size, names,
+                       attrs=_file_attrs(config, seed, n, shard, num_shards, lo),
+                       clean=config.store_clean, truth_dtypes=dtypes) as writer, \
+            progress_bar(hi - lo, "simulating", enabled=progress) as advance:
+        for start, images, clean, truth in _run_units(jobs, workers):
+            writer.write(start - lo, images, truth, clean if config.store_clean else None)
+            advance(len(images))
+    return out
+
+
+def merge_files(out: str | Path, shards: Sequence[str | Path], force: bool = False, progress: bool = True) -> Path:
+    """Merge the complete set of shards of one run into `out`, byte-identical to a single run."""
+    import h5py
+
+    from cosmolit.progress import progress_bar
+
+    if not shards:
+        raise UsageError("merge needs at least one shard file")
+    out = check_output_path(out, force)
+    if any(Path(s).resolve() == out.resolve() for s in shards):
+        raise UsageError(f"output {str(out)!r} is also one of the shards")
+    metas = []
+    for s in shards:
+        info = inspect_dataset(s, require_truth=())
+        a = info.attrs
+        if "num_shards" not in a or "shard_index" not in a:
+            raise UsageError(f"{str(s)!r} is not a shard made by `cosmolit simulate` (no shard attributes)")
+        metas.append((int(a["shard_index"]), Path(s), info))
+    first = metas[0][2]
+    num = int(first.attrs["num_shards"])
+    n_total = int(first.attrs["n_total"])
+    for idx, path, info in metas:
+        a = info.attrs
+        same = (info.config == first.config and info.seed == first.seed and info.bands == first.bands
+                and info.stamp == first.stamp and int(a["num_shards"]) == num and int(a["n_total"]) == n_total
+                and info.truth_names == first.truth_names and info.has_clean == first.has_clean)
+        if not same:
+            raise UsageError(
+                f"shard {str(path)!r} is not from the same run as {str(metas[0][1])!r} "
+                "(config, seed, bands, stamp size, n or num_shards differ)"
+            )
+        lo, hi = shard_range(n_total, idx, num)
+        if info.n != hi - lo or int(a.get("shard_start", -1)) != lo:
+            raise UsageError(f"shard {str(path)!r} holds {info.n} stamps, expected {hi - lo} for shard {idx}")
+    indices = sorted(m[0] for m in metas)
+    if indices != list(range(num)):
+        missing = sorted(set(range(num)) - set(indices))
+        dup = sorted({i for i in indices if indices.count(i) > 1})
+        raise UsageError(
+            f"shards are incomplete: run has {num} shards; "
+            + (f"missing index(es) {', '.join(map(str, missing))}" if missing else "")
+            + ("; " if missing and dup else "")
+            + (f"duplicated index(es) {', '.join(map(str, dup))}" if dup else "")
+        )
+    by_index = {m[0]: m[1] for m in metas}
+    config = config_from_yaml_text(first.config)
+    names = first.truth_names
+    with h5py.File(by_index[0], "r") as f0:
+        dtypes = {k: f0["truth"][k].dtype.str for k in names}
+    handles = {i: h5py.File(p, "r") for i, p in by_index.items()}
+    try:
+        with DatasetWriter(out, n_total, first.bands, first.height, first.width, names,
+                           attrs=_file_attrs(config, first.seed, n_total, 0, 1, 0),
+                           clean=first.has_clean, truth_dtypes=dtypes) as writer, \
+                progress_bar(n_total, "merging", enabled=progress) as advance:
+            for i in range(num):
+                lo, hi = shard_range(n_total, i, num)
+                f = handles[i]
+                for a, b in _units(lo, hi):  # the same global blocks as a single run writes
+                    sl = slice(a - lo, b - lo)
+                    writer.write(a, f["images"][sl], {k: f["truth"][k][sl] for k in names},
+                                 f["clean"][sl] if first.has_clean else None)
+                    advance(b - a)
+    finally:
+        for f in handles.values():
+            f.close()
+    return out

@@ -1,0 +1,270 @@
+"""The Pyro Bayesian shape network: ELBO, no host sync, predictions, checkpoints, Predictive."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from cosmolit.dataset import iter_images, read_truth
+from cosmolit.errors import UsageError
+
+TARGETS = ("e1", "e2", "redshift")
+SMALL = dict(bands="gri", stamp=32, filters=(4, 8, 8, 8), train_size=40)  # fast test network
+
+
+@pytest.fixture(scope="module")
+def batch(synthetic_small_h5):
+    """A fixed batch of 8 stamps: x raw electrons (8, 3, 32, 32), y (8, 3)."""
+    _, images = next(iter_images(synthetic_small_h5, 8))
+    truth = read_truth(synthetic_small_h5, list(TARGETS))
+    x = torch.from_numpy(np.ascontiguousarray(images[:8]))
+    y = torch.from_numpy(np.stack([truth[k][:8] for k in TARGETS], 1).astype(np.float32))
+    return x, y
+
+
+def small_model(**kw):
+    from cosmolit.models.bnn import BayesianShapeCNN
+
+    torch.manual_seed(0)
+    return BayesianShapeCNN(**{**SMALL, **kw})
+
+
+def test_parameter_count_matches_the_study():
+    """2 x 1,189,024 weight entries (loc, rho) + 969 biases + 12 BatchNorm + 307,200 PReLU slopes."""
+    from cosmolit.models.bnn import BayesianShapeCNN
+
+    model = BayesianShapeCNN()  # 6 bands, 64x64, filters 32..256, element-wise PReLU
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n == 2_726_229
+    n_weights = sum(loc.numel() for loc in model.posterior.loc)
+    assert n_weights == 1_172_160 + 36_864  # conv kernels + dense head
+    assert len(model.site_names) == 9
+
+
+def test_forward_and_predict_shapes(batch):
+    x, y = batch
+    model = small_model()
+    mean, scale_tril = model(x)
+    assert mean.shape == (8, 3) and scale_tril.shape == (8, 3, 3)
+    assert torch.all(torch.diagonal(scale_tril, dim1=-2, dim2=-1) > 0)
+    out = model.predict_samples(x, samples=5, seed=0)
+    assert set(out) == {"mean", "aleatoric_cov", "epistemic_cov", "total_cov"}
+    for key in ("aleatoric_cov", "epistemic_cov", "total_cov"):
+        assert out[key].shape == (8, 3, 3)
+        assert torch.allclose(out[key], out[key].transpose(-1, -2), atol=1e-6)
+    assert out["mean"].shape == (8, 3)
+    assert torch.allclose(out["total_cov"], out["aleatoric_cov"] + out["epistemic_cov"])
+    step = model.predict_step((x, y), 0)
+    assert step["mean"].shape == (8, 3)
+    assert model.training  # predict_samples leaves the module's mode alone
+
+
+def test_vectorised_prediction_equals_separate_passes(batch):
+    """predict_samples (vmap over draws, chunked) = one functional pass per draw, same draws."""
+    from torch.func import functional_call
+
+    from cosmolit.nn.gaussian import head_to_gaussian
+
+    x, _ = batch
+    model = small_model().eval()
+    samples = 6
+    out = model.predict_samples(x, samples=samples, seed=11, max_pairs=16)  # chunks of 2 draws
+    gen = torch.Generator().manual_seed(11)
+    means, covs = [], []
+    for _ in range(samples // 2):
+        draws = model.posterior.rsample(samples=2, generator=gen, detach=True)
+        for s in range(2):
+            weights = model.posterior.as_dict([w[s] for w in draws])
+            raw = functional_call(model.net, weights, (model.normalise(x),))
+            mean, tril = head_to_gaussian(raw, 3)
+            means.append(mean)
+            covs.append(tril @ tril.transpose(-1, -2))
+    means = torch.stack(means)
+    assert torch.allclose(out["mean"], means.mean(0), atol=1e-5)
+    assert torch.allclose(out["aleatoric_cov"], torch.stack(covs).mean(0), rtol=1e-4, atol=1e-6)
+    dev = means - means.mean(0)
+    epi = torch.einsum("sbi,sbj->bij", dev, dev) / (samples - 1)
+    assert torch.allclose(out["epistemic_cov"], epi, rtol=1e-3, atol=1e-9)
+
+
+def test_same_seed_same_prediction_and_samples_must_be_positive(batch):
+    x, _ = batch
+    model = small_model()
+    a = model.predict_samples(x, samples=4, seed=3)
+    b = model.predict_samples(x, samples=4, seed=3)
+    c = model.predict_samples(x, samples=4, seed=4)
+    assert torch.equal(a["mean"], b["mean"])
+    assert not torch.equal(a["mean"], c["mean"])
+    with pytest.raises(UsageError, match="samples"):
+        model.predict_samples(x, samples=0)
+
+
+def test_loss_decreases_on_a_fixed_batch(batch):
+    x, y = batch
+    model = small_model(lr=3e-3)
+    opt = model.configure_optimizers()
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = model.training_step((x, y), 0)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3])
+
+
+class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Raise on aten::_local_scalar_dense: .item(), bool(tensor), float(tensor) (fatal under PopTorch)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError("host synchronisation (aten::_local_scalar_dense) in the training step")
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_step_has_no_host_sync(batch):
+    x, y = batch
+    model = small_model()
+    with _NoHostSync():  # the check itself must be able to fail
+        with pytest.raises(RuntimeError, match="host synchronisation"):
+            float(x.sum())
+    with _NoHostSync():
+        loss = model.training_step((x, y), 0)
+        loss.backward()
+    assert loss.dim() == 0 and loss.requires_grad
+    assert all(r.grad is not None for r in model.posterior.rho)  # the KL and likelihood reach the guide
+
+
+def test_elbo_terms_kl_scaling_and_closed_form(batch):
+    """loss = mean NLL + KL / train_size; KL = trace KL(guide site || model site) = closed form."""
+    import pyro
+    from pyro import poutine
+    from torch.distributions import kl_divergence
+
+    x, y = batch
+    a = small_model(train_size=40)
+    b = small_model(train_size=4000)
+    b.load_state_dict(a.state_dict())
+    torch.manual_seed(5)
+    ta = a.elbo_terms(x, y)
+    torch.manual_seed(5)
+    tb = b.elbo_terms(x, y)
+    assert torch.allclose(ta["nll"], tb["nll"]) and torch.allclose(ta["kl"], tb["kl"])
+    assert torch.allclose(ta["loss"], ta["nll"] + ta["kl"] / 40)
+    assert torch.allclose(ta["loss"] - tb["loss"], ta["kl"] * (1 / 40 - 1 / 4000), rtol=1e-4)
+    # the KL equals Pyro's site-by-site KL between guide and prior, and the closed form
+    with pyro.validation_enabled(False):
+        g = poutine.trace(a.guide).get_trace(x, y)
+        m = poutine.trace(poutine.replay(a.model, trace=g)).get_trace(x, y)
+    kl_sites = sum(kl_divergence(g.nodes[n]["fn"], m.nodes[n]["fn"]) for n in a.site_names)
+    assert torch.allclose(ta["kl"], kl_sites, rtol=1e-5)
+    assert torch.allclose(ta["kl"], a.posterior.kl(1.0), rtol=1e-5)
+    # a wider prior changes the KL as the closed form says
+    c = small_model(prior_scale=2.0)
+    c.load_state_dict(a.state_dict())
+    torch.manual_seed(5)
+    assert torch.allclose(c.elbo_terms(x, y)["kl"], a.posterior.kl(2.0), rtol=1e-5)
+
+
+def test_pyro_step_equals_plain_torch_reference(batch):
+    """The hand-written reparameterised BNN (benchmark reference) computes the same loss."""
+    from cosmolit.nn.bayes import TorchBayesianShapeNet
+
+    x, y = batch
+    model = small_model()
+    ref = TorchBayesianShapeNet(in_channels=3, stamp=32, filters=SMALL["filters"], train_size=40)
+    ref.net.load_state_dict(model.net.state_dict())
+    ref.weights.load_state_dict(model.posterior.state_dict())
+    torch.manual_seed(9)
+    loss = model.elbo_terms(x, y)["loss"]
+    torch.manual_seed(9)
+    loss_ref = ref.loss(model.normalise(x), y)
+    assert torch.allclose(loss, loss_ref, rtol=1e-5)
+
+
+def test_epistemic_spread_grows_with_wider_guide(batch):
+    x, _ = batch
+    model = small_model().eval()
+    narrow = model.predict_samples(x, samples=8, seed=1)["epistemic_cov"]
+    with torch.no_grad():
+        for rho in model.posterior.rho:
+            rho.add_(6.0)  # softplus(-3) / softplus(-9): scales about 400x wider
+    wide = model.predict_samples(x, samples=8, seed=1)["epistemic_cov"]
+    tr = lambda c: torch.diagonal(c, dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    assert torch.all(tr(wide) > 10 * tr(narrow))
+
+
+def test_predictive_recipe(batch):
+    from pyro.infer import Predictive
+
+    x, _ = batch
+    model = small_model().eval()
+    pred = Predictive(model.model, guide=model.guide, num_samples=4)(x)
+    assert pred["obs"].shape == (4, 8, 3)
+    first = model.site_names[0]
+    w = pred[first].reshape(4, *model.posterior.loc[0].shape)
+    assert not torch.equal(w[0], w[1])  # fresh weights per sample, close to the posterior loc
+    assert torch.allclose(w[0], model.posterior.loc[0], atol=1e-2)
+    assert set(model.site_names) <= set(pred)
+
+
+def test_config_and_bad_hparams(tmp_path):
+    from cosmolit.models.bnn import BayesianShapeCNN, BayesianShapeCNNConfig
+    from cosmolit.train import load_fit_config
+
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "bnn.yaml"
+    _, cfg = load_fit_config("bnn", preset, {})
+    assert isinstance(cfg, BayesianShapeCNNConfig)
+    assert cfg.targets == TARGETS and cfg.filters == (32, 64, 128, 256)
+    assert (cfg.prior_scale, cfg.init_scale, cfg.lr, cfg.samples, cfg.prelu) == (1.0, -9.0, 1e-3, 100, "element")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  prior_scale: -1\n")
+    with pytest.raises(UsageError, match="prior_scale"):
+        load_fit_config("bnn", bad, {})
+    bad.write_text("model:\n  prelu: tanh\n")
+    with pytest.raises(UsageError, match="prelu"):
+        load_fit_config("bnn", bad, {})
+    with pytest.raises(UsageError, match="samples"):
+        BayesianShapeCNN(samples=0)
+
+
+def test_checkpoint_round_trip_in_subprocess(batch, tmp_path):
+    """fit -> checkpoint -> load_from_checkpoint in a fresh process: same predictions for a seed; Predictive works."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = batch
+    model = small_model()
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    ckpt = tmp_path / "bnn.ckpt"
+    trainer.save_checkpoint(str(ckpt))
+    model.eval()
+    here = model.predict_samples(x, samples=5, seed=21)["mean"].numpy()
+    np.save(tmp_path / "x.npy", x.numpy())
+    script = textwrap.dedent(f"""
+        import json, numpy as np, torch
+        from pyro.infer import Predictive
+        from cosmolit.models.bnn import BayesianShapeCNN
+        bnn = BayesianShapeCNN.load_from_checkpoint({str(ckpt)!r}, map_location="cpu").eval()
+        x = torch.from_numpy(np.load({str(tmp_path / "x.npy")!r}))
+        mean = bnn.predict_samples(x, samples=5, seed=21)["mean"]
+        pred = Predictive(bnn.model, guide=bnn.guide, num_samples=3)(x)
+        print(json.dumps({{"mean": mean.tolist(), "obs": list(pred["obs"].shape),
+                          "train_size": bnn.hparams.train_size}}))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(np.array(out["mean"]), here, rtol=1e-5, atol=1e-6)
+    assert out["obs"] == [3, 8, 3] and out["train_size"] == 40

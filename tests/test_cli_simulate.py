@@ -1,0 +1,124 @@
+"""`cosmolit simulate`, `merge` and `show` through the typer app: exit codes, messages, files."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("galsim")
+
+from cosmolit.cli import app  # noqa: E402
+from cosmolit.dataset import inspect_dataset  # noqa: E402
+
+runner = CliRunner()
+SMALL = ["--stamp-size", "32", "--bands", "gri", "--quiet"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def error_line(result) -> str:
+    text = result.output if result.stderr_bytes is None else result.stderr
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_simulate_writes_a_dataset(tmp_path):
+    out = tmp_path / "a.h5"
+    r = run("simulate", "--n", 6, "--out", out, "--seed", 3, "--blend-fraction", 1, "--max-neighbors", 2, *SMALL)
+    assert r.exit_code == 0, r.output
+    info = inspect_dataset(out)
+    assert (info.n, info.bands, info.stamp, info.seed) == (6, "gri", (32, 32), 3)
+    assert "fraction: 1.0" in info.config and "max_neighbors: 2" in info.config
+    assert {"nb0_dx", "nb1_mag_i"} <= set(info.truth_names) and "nb2_dx" not in info.truth_names
+
+
+def test_simulate_with_a_preset_and_noiseless(tmp_path):
+    out = tmp_path / "b.h5"
+    r = run("simulate", "--n", 3, "--out", out, "--config", "configs/simulate/mixed.yaml", "--noiseless", *SMALL)
+    assert r.exit_code == 0, r.output
+    cfg = inspect_dataset(out).config
+    assert "fraction: 0.5" in cfg and "mode: none" in cfg
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "0"], "--n must be a positive integer"),
+    (["--n", "4", "--stamp-size", "40"], "multiple of 16"),
+    (["--n", "4", "--bands", "gqr"], "unknown: q"),
+    (["--n", "4", "--blend-fraction", "1.5"], "blend fraction"),
+    (["--n", "4", "--max-neighbors", "0"], "max neighbors"),
+    (["--n", "4", "--shard", "2", "--num-shards", "2"], "shard index"),
+    (["--n", "4", "--workers", "0"], "--workers"),
+    (["--n", "4", "--config", "nope.yaml"], "does not exist"),
+])
+def test_simulate_bad_input_is_one_line_exit_2_and_no_file(tmp_path, args, message):
+    out = tmp_path / "x.h5"
+    r = run("simulate", "--out", out, *args)
+    assert r.exit_code == 2
+    line = error_line(r)
+    assert line.startswith("cosmolit: error:") and message in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_simulate_refuses_existing_output_and_missing_folder(tmp_path):
+    out = tmp_path / "x.h5"
+    out.write_text("precious")
+    r = run("simulate", "--n", 2, "--out", out, *SMALL)
+    assert r.exit_code == 2 and "--force" in error_line(r)
+    assert out.read_text() == "precious"
+    r = run("simulate", "--n", 2, "--out", tmp_path / "no" / "x.h5", *SMALL)
+    assert r.exit_code == 2 and "does not exist" in error_line(r)
+    r = run("simulate", "--n", 2, "--out", out, "--force", *SMALL)
+    assert r.exit_code == 0 and inspect_dataset(out).n == 2
+
+
+def test_simulate_catalog_missing_columns(tmp_path, catsim_sample):
+    from astropy.table import Table
+
+    table = Table.read(catsim_sample)
+    table.remove_column("pa_bulge")
+    bad = tmp_path / "bad.fits"
+    table.write(bad)
+    r = run("simulate", "--n", 2, "--out", tmp_path / "x.h5", "--catalog", bad, *SMALL)
+    assert r.exit_code == 2 and "pa_bulge" in error_line(r)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_shards_merge_and_merge_errors(tmp_path):
+    shards = []
+    for i in range(2):
+        s = tmp_path / f"s{i}.h5"
+        r = run("simulate", "--n", 10, "--out", s, "--shard", i, "--num-shards", 2, "--seed", 4, *SMALL)
+        assert r.exit_code == 0, r.output
+        shards.append(s)
+    r = run("merge", tmp_path / "m.h5", *shards, "--quiet")
+    assert r.exit_code == 0, r.output
+    single = tmp_path / "single.h5"
+    assert run("simulate", "--n", 10, "--out", single, "--seed", 4, *SMALL).exit_code == 0
+    assert (tmp_path / "m.h5").read_bytes() == single.read_bytes()
+    r = run("merge", tmp_path / "m2.h5", shards[0], "--quiet")
+    assert r.exit_code == 2 and "missing index(es) 1" in error_line(r)
+    r = run("merge", tmp_path / "m.h5", *shards, "--quiet")
+    assert r.exit_code == 2 and "--force" in error_line(r)
+    assert not (tmp_path / "m2.h5").exists()
+
+
+def test_show_writes_two_pngs(tmp_path, synthetic_small_h5):
+    data = tmp_path / "d.h5"
+    assert run("simulate", "--n", 5, "--out", data, "--blend-fraction", 0.5, *SMALL).exit_code == 0
+    grid = tmp_path / "grid.png"
+    r = run("show", data, "--out", grid, "--n", 4)
+    assert r.exit_code == 0, r.output
+    truth = tmp_path / "grid_truth.png"
+    for p in (grid, truth):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    r = run("show", data, "--out", grid)
+    assert r.exit_code == 2 and "--force" in error_line(r)
+    # any file of the format: the synthetic set has only gri and no neighbour columns
+    r = run("show", synthetic_small_h5, "--out", tmp_path / "syn.png", "--n", 3)
+    assert r.exit_code == 0, r.output
+    r = run("show", tmp_path / "missing.h5", "--out", tmp_path / "z.png")
+    assert r.exit_code == 2 and "does not exist" in error_line(r)
+    assert not (tmp_path / "z.png").exists()

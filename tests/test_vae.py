@@ -1,0 +1,211 @@
+"""GalaxyVAE, its decoder and the two-stage (VAE, then latent flow) training."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cosmolit.config import from_dict
+from cosmolit.errors import UsageError
+from cosmolit.nn.decoder import Decoder
+
+SMALL = dict(bands="gri", stamp=32, latent_dim=6, filters=(4, 8, 8, 16), flow_layers=2, flow_hidden=(16,),
+             flow_epochs=2, flow_batch_size=8)
+
+
+def _vae(**kw):
+    from cosmolit.models.vae import GalaxyVAE
+
+    torch.manual_seed(0)
+    return GalaxyVAE(**{**SMALL, **kw})
+
+
+def _stamps(path, n=16):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return torch.from_numpy(f["images"][:n]), torch.from_numpy(f["clean"][:n])
+
+
+# ----------------------------------------------------------------------------- decoder
+def test_decoder_parameter_count_matches_the_study():
+    # TF decoder of the study: 3,319,942 trainable parameters (per-element PReLU slopes).
+    dec = Decoder()
+    assert sum(p.numel() for p in dec.parameters()) == 3_319_942
+    slopes = sum(p.numel() for name, p in dec.named_parameters() if "weight" not in name and "bias" not in name)
+    # per-element PReLU slopes: 256 + 4096 after the dense layers, 491,520 after the convolutions
+    assert slopes in (0, 4_352 + 491_520)
+
+
+def test_decoder_shapes_and_per_channel_variant():
+    dec = Decoder(latent_dim=5, out_channels=3, stamp=32, filters=(16, 8, 8, 4), prelu="channel")
+    out = dec(torch.randn(2, 5))
+    assert out.shape == (2, 3, 32, 32)
+    assert sum(p.numel() for p in dec.parameters()) < sum(
+        p.numel() for p in Decoder(5, 3, 32, (16, 8, 8, 4), "element").parameters())
+    assert all(m.dilation == (1, 1) for m in dec.modules() if isinstance(m, torch.nn.ConvTranspose2d))
+
+
+@pytest.mark.parametrize("kw", [dict(stamp=40), dict(prelu="shared"), dict(filters=()), dict(latent_dim=0)])
+def test_decoder_refuses_bad_settings(kw):
+    with pytest.raises(UsageError):
+        Decoder(**kw)
+
+
+# ----------------------------------------------------------------------------- VAE
+def test_shapes(synthetic_small_h5):
+    vae = _vae().eval()
+    x, _ = _stamps(synthetic_small_h5, 5)
+    mu, sigma = vae.encode(x)
+    assert mu.shape == sigma.shape == (5, 6)
+    assert (sigma > 0).all()
+    assert vae.decode(mu).shape == (5, 3, 32, 32)
+    assert vae.reconstruct(x).shape == (5, 3, 32, 32)
+    assert vae.sample(4, generator=torch.Generator().manual_seed(0)).shape == (4, 3, 32, 32)
+
+
+def test_kl_matches_torch_distributions():
+    from cosmolit.models.vae import gaussian_kl
+
+    mu, s = torch.randn(4, 7), torch.rand(4, 7) + 0.1
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu, s),
+                                            torch.distributions.Normal(0.0, 1.0)).sum(-1)
+    assert torch.allclose(gaussian_kl(mu, s), ref, atol=1e-5)
+
+
+def test_loss_decreases_on_a_fixed_batch(synthetic_small_h5):
+    vae = _vae()
+    x, clean = _stamps(synthetic_small_h5, 16)
+    opt = vae.configure_optimizers()
+
+    def loss():
+        torch.manual_seed(1)
+        return vae.loss_terms(x, clean)["loss"]
+
+    with torch.no_grad():
+        before = float(loss())
+    for _ in range(25):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    with torch.no_grad():
+        after = float(loss())
+    assert after < before - 0.1 * abs(before)
+
+
+def test_denoiser_target_is_the_clean_image(synthetic_small_h5):
+    from cosmolit.models.vae import gaussian_nll
+
+    vae = _vae().eval()
+    x, clean = _stamps(synthetic_small_h5, 8)
+    assert not torch.equal(x, clean)
+    torch.manual_seed(3)
+    denoise = vae.loss_terms(x, clean)
+    torch.manual_seed(3)
+    autoenc = vae.loss_terms(x, x)
+    assert not torch.allclose(denoise["rec"], autoenc["rec"])
+    assert torch.allclose(denoise["kl"], autoenc["kl"])  # same encoder input, same draw
+    # the reconstruction term is the Gaussian NLL of the normalised clean target
+    torch.manual_seed(3)
+    mu, sigma = vae.encode(x)
+    pred = vae.decoder(mu + sigma * torch.randn_like(mu))
+    ref = gaussian_nll(vae.normalise(clean), pred, vae.log_sigma).mean()
+    assert torch.allclose(denoise["rec"], ref, rtol=1e-5)
+    # a batch without a target trains an autoencoder
+    assert vae._split((x,))[1] is x and vae._split(x)[1] is x and vae._split((x, clean))[1] is clean
+
+
+def test_datamodule_targets_select_denoiser_or_autoencoder(synthetic_small_h5, tmp_path):
+    from cosmolit.data import GalaxyDataModule
+    from cosmolit.synthetic import write_synthetic_dataset
+
+    noisy_only = write_synthetic_dataset(tmp_path / "noclean.h5", n=16, bands="gri", size=32, seed=1, clean=False)
+    for path, denoiser in ((synthetic_small_h5, True), (noisy_only, False)):
+        dm = GalaxyDataModule(path, target_kind="clean", batch_size=4, val_fraction=0.25, seed=0)
+        dm.setup("fit")
+        assert dm.has_clean is denoiser
+        x, target = next(iter(dm.train_dataloader()))
+        assert torch.equal(x, target) is (not denoiser)
+
+
+def test_sample_is_deterministic_for_a_seed(synthetic_small_h5):
+    vae = _vae().eval()
+    for from_flow in (False, True):
+        a = vae.sample(3, generator=torch.Generator().manual_seed(5), from_flow=from_flow)
+        b = vae.sample(3, generator=torch.Generator().manual_seed(5), from_flow=from_flow)
+        c = vae.sample(3, generator=torch.Generator().manual_seed(6), from_flow=from_flow)
+        assert torch.equal(a, b) and not torch.allclose(a, c)
+    with pytest.raises(UsageError):
+        vae.sample(0)
+
+
+def test_config_schema_and_hparam_checks():
+    from cosmolit.models.vae import GalaxyVAE, GalaxyVAEConfig
+
+    cfg = from_dict(GalaxyVAEConfig, {"latent_dim": 16, "filters": [8, 16, 32, 64], "flow_hidden": [64, 64]})
+    assert cfg.filters == (8, 16, 32, 64) and cfg.kl_weight == 0.01 and cfg.flow_layers == 8
+    for bad in ({"kl_weight": -1}, {"prelu": "shared"}, {"flow_latents": "median"}, {"recon_sigma": 0},
+                {"latent_size": 3}):
+        with pytest.raises(UsageError):
+            from_dict(GalaxyVAEConfig, bad)
+    with pytest.raises(UsageError):
+        GalaxyVAE(**{**SMALL, "latent_dim": 1})
+
+
+def test_yaml_preset_loads(tmp_path):
+    from pathlib import Path
+
+    from cosmolit.config import read_yaml
+    from cosmolit.models.vae import GalaxyVAEConfig
+
+    raw = read_yaml(Path(__file__).resolve().parents[1] / "configs" / "vae.yaml")
+    cfg = from_dict(GalaxyVAEConfig, raw["model"])
+    assert cfg.latent_dim == 32 and cfg.flow_hidden == (256, 256) and cfg.filters == (32, 64, 128, 256)
+
+
+def test_two_stage_fit_and_checkpoint_roundtrip(synthetic_small_h5, tmp_path):
+    import pytorch_lightning as pl
+
+    from cosmolit.data import GalaxyDataModule
+    from cosmolit.train import _provenance_callback
+
+    pl.seed_everything(0)
+    dm = GalaxyDataModule(synthetic_small_h5, target_kind="clean", batch_size=8, val_fraction=0.25, seed=0)
+    dm.setup("fit")
+    vae = _vae(normalisation=list(dm.normalisation))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[_provenance_callback("vae", 0, "")])
+    trainer.fit(vae, datamodule=dm)
+    assert not bool(vae.flow_fitted)
+    hist = vae.fit_flow(dm, epochs=3, seed=0, progress=False)
+    assert len(hist["nll"]) == 3 and bool(vae.flow_fitted)
+    ckpt = tmp_path / "vae.ckpt"
+    trainer.save_checkpoint(str(ckpt))
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert raw["state_dict"]["flow_fitted"].item() is True
+    assert any(k.startswith("flow.layers.1.") for k in raw["state_dict"])
+
+    vae.eval()
+    expected = vae.sample(4, generator=torch.Generator().manual_seed(11))
+    prior = vae.sample(4, generator=torch.Generator().manual_seed(11), from_flow=False)
+    assert not torch.allclose(expected, prior)
+    code = textwrap.dedent(f"""
+        import json, torch
+        from cosmolit.models.vae import GalaxyVAE
+        from cosmolit.checkpoint import load_model
+        m = GalaxyVAE.load_from_checkpoint({str(ckpt)!r}, map_location="cpu").eval()
+        a = m.sample(4, generator=torch.Generator().manual_seed(11))
+        m2, kind, _ = load_model({str(ckpt)!r}, expected="vae")
+        b = m2.sample(4, generator=torch.Generator().manual_seed(11))
+        print(json.dumps({{"a": a.flatten().tolist(), "b": b.flatten().tolist(), "kind": kind}}))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["kind"] == "vae"
+    assert torch.equal(torch.tensor(out["a"]).view_as(expected), expected)
+    assert torch.equal(torch.tensor(out["b"]).view_as(expected), expected)
