@@ -51,10 +51,6 @@ def make_capturable(optimizer) -> None:
             group["capturable"] = True
 
 
-def _tensors_on(device, tensors):
-    return tuple(t.to(device, non_blocking=True) for t in tensors)
-
-
 class StaticTrainStep:
     """Run K training steps per call, captured in one CUDA graph on a GPU, eager elsewhere.
 

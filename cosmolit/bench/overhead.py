@@ -151,72 +151,149 @@ def _side_by_side(run_a: Callable[[], list[float]], run_b: Callable[[], list[flo
 
 # ---------------------------------------------------------------------------- the parts
 def lightning_overhead(cfg: OverheadConfig, device, echo, factory: Optional[Callable] = None) -> list[dict]:
-    from cosmolit.bench.train import TrainBenchConfig, time_training
+    """Lightning step vs bare loop of the same cnn, data and Adam, alternating rounds."""
+    from cosmolit.bench.train import TrainBenchConfig, time_training_raw
+
+    b = cfg.batch_size
 
     def run(mode):
-        tcfg = TrainBenchConfig(model="cnn", accelerator=cfg.accelerator, batch_sizes=[cfg.batch_size],
-                                steps=cfg.steps, warmup_steps=cfg.warmup_steps, mode=mode, loss="nll",
-                                pool=64, seed=cfg.seed)
-        row = time_training(tcfg, cfg.batch_size, echo, factory)
-        return _run_times.pop()  # the raw step times recorded by the hook below
+        tcfg = TrainBenchConfig(model="cnn", accelerator=cfg.accelerator, batch_sizes=[b], steps=cfg.steps,
+                                warmup_steps=cfg.warmup_steps, mode=mode, pool=64, seed=cfg.seed)
+        return time_training_raw(tcfg, b, echo, factory)[1]
 
-    _run_times: list = []
-    res = _side_by_side(lambda: _capture_times(run, "lightning", _run_times),
-                        lambda: _capture_times(run, "bare", _run_times), cfg.rounds)
-    b = cfg.batch_size
+    res = _side_by_side(lambda: run("lightning"), lambda: run("bare"), cfg.rounds)
     echo(f"Lightning vs bare loop, cnn batch {b}: {res['a']['median'] * 1e3:.2f} vs {res['b']['median'] * 1e3:.2f} "
-         f"ms/step, ratio {res['ratio']:.3f} (per-round median {res['median_round_ratio']:.3f}; goal <= 1.10)")
+         f"ms/step, ratio {res['ratio']:.3f} (median of per-round ratios {res['median_round_ratio']:.3f}; "
+         "goal <= 1.10)")
     return [
         _row(f"lightning_over_bare_cnn_b{b}", res["ratio"], "x", a=res["a"], b=res["b"], batch_size=b, goal=1.10,
-             note=f"per-round ratios {', '.join(f'{r:.3f}' for r in res['round_ratios'])}"),
+             note="a: Lightning step, b: bare loop; per-round ratios "
+                  + ", ".join(f"{r:.3f}" for r in res["round_ratios"])),
         _row(f"cnn_lightning_step_b{b}", res["a"]["median"], "s", a=res["a"], batch_size=b),
         _row(f"cnn_bare_step_b{b}", res["b"]["median"], "s", b=res["b"], batch_size=b),
     ]
 
 
-def _capture_times(run, mode, sink):
-    """Run one timing of `mode` and return its raw step times (the row only keeps the summary)."""
-    from cosmolit.bench import callbacks
+def pyro_overhead(cfg: OverheadConfig, device, echo, factory: Optional[Callable] = None) -> list[dict]:
+    """Pyro BNN step (elbo_terms) vs the plain-torch reparameterised BNN, same layers, data, Adam."""
+    import torch
 
-    recorded: list[list[float]] = []
-    original = callbacks.summarize
+    from cosmolit.bench.train import build_bench_model, loss_function, model_optimizer, synthetic_pool
 
-    def spy(values):
-        values = list(values)
-        if values:
-            recorded.append(values)
-        return original(values)
+    b = cfg.bnn_batch_size
+    x, y = synthetic_pool(4 * b, 6, 64, 3, cfg.seed)
+    batches = [(x[i * b:(i + 1) * b].to(device), y[i * b:(i + 1) * b].to(device)) for i in range(4)]
 
-    callbacks.summarize = spy
+    def make_pyro():
+        torch.manual_seed(cfg.seed)
+        model = build_bench_model("bnn", factory=factory).to(device).train()
+        return loss_function(model), model_optimizer(model), model
+
+    def make_torch(pyro_model):
+        from cosmolit.nn.bayes import TorchBayesianShapeNet
+
+        hp = pyro_model.hparams
+        net = TorchBayesianShapeNet(in_channels=len(hp.get("bands", "ugrizy")), stamp=int(hp.get("stamp", 64)),
+                                    filters=tuple(hp.get("filters", (32, 64, 128, 256))),
+                                    prelu=hp.get("prelu", "element"), targets=len(hp.get("targets", "abc")),
+                                    train_size=int(hp.get("train_size", 8000)), seed=cfg.seed).to(device).train()
+        opt = torch.optim.Adam(net.parameters(), lr=float(hp.get("lr", 1e-3)))
+        # same input normalisation as the Pyro model, inside the timed step
+        return (lambda xb, yb: net.loss(pyro_model.normalise(xb), yb)), opt
+
+    pyro_loss, pyro_opt, pyro_model = make_pyro()
+    torch_loss, torch_opt = make_torch(pyro_model)
+    res = _side_by_side(lambda: time_loop(pyro_loss, pyro_opt, batches, cfg.steps, cfg.warmup_steps, device),
+                        lambda: time_loop(torch_loss, torch_opt, batches, cfg.steps, cfg.warmup_steps, device),
+                        cfg.rounds)
+    echo(f"Pyro BNN vs plain-torch BNN, batch {b}: {res['a']['median'] * 1e3:.2f} vs {res['b']['median'] * 1e3:.2f} "
+         f"ms/step, ratio {res['ratio']:.3f} (median of per-round ratios {res['median_round_ratio']:.3f}; "
+         "goal <= 1.2)")
+    return [
+        _row(f"pyro_over_torch_bnn_b{b}", res["ratio"], "x", a=res["a"], b=res["b"], batch_size=b, goal=1.2,
+             note="a: Pyro BNN (elbo_terms), b: cosmolit.nn.bayes.TorchBayesianShapeNet; per-round ratios "
+                  + ", ".join(f"{r:.3f}" for r in res["round_ratios"])),
+        _row(f"bnn_pyro_step_b{b}", res["a"]["median"], "s", a=res["a"], batch_size=b),
+        _row(f"bnn_torch_step_b{b}", res["b"]["median"], "s", b=res["b"], batch_size=b),
+    ]
+
+
+def mfu(cfg: OverheadConfig, device, echo, factory: Optional[Callable] = None) -> list[dict]:
+    """Model FLOPs of the cnn, achieved FLOP/s of its bare training loop, matmul FLOP/s, and TF comparison."""
+    import numpy as np
+    import torch
+
+    from cosmolit.bench import reference as ref
+    from cosmolit.bench.train import build_bench_model, loss_function, model_optimizer, synthetic_pool
+
+    b = cfg.batch_size
+    torch.manual_seed(cfg.seed)
+    model = build_bench_model("cnn", factory=factory).to(device)
+    x, y = synthetic_pool(2 * b, 6, 64, 3, cfg.seed)
+    model.eval()
+    fwd = count_forward_flops(model, x[:1].to(device))  # per image
+    model.train()
+    batches = [(x[:b].to(device), y[:b].to(device)), (x[b:].to(device), y[b:].to(device))]
+    times = time_loop(loss_function(model), model_optimizer(model), batches, cfg.steps * cfg.rounds,
+                      cfg.warmup_steps, device)
+    step = float(np.median(times))
+    mm = matmul_flops(cfg.matmul_size, device=device)
+    achieved = 3.0 * fwd * b / step
+    bound_images = mm["flops_per_s"] / (3.0 * fwd)
+    echo(f"cnn forward {fwd / 1e9:.3f} GFLOP/image; bare training at batch {b}: {step * 1e3:.1f} ms/step = "
+         f"{achieved / 1e9:.1f} GFLOP/s; dense {cfg.matmul_size}^3 matmul {mm['flops_per_s'] / 1e9:.1f} GFLOP/s; "
+         f"MFU {achieved / mm['flops_per_s']:.2f}")
+    rows = [
+        _row("cnn_forward_gflop_per_image", fwd / 1e9, "GFLOP", note="conv + linear layers, 2 FLOPs per MAC"),
+        _row("cnn_train_gflop_per_image", 3 * fwd / 1e9, "GFLOP", note="3 x forward (forward + backward)"),
+        _row(f"cnn_bare_step_mfu_b{b}", step, "s", batch_size=b),
+        _row(f"cnn_achieved_gflops_b{b}", achieved / 1e9, "GFLOP/s", batch_size=b),
+        _row(f"matmul_gflops_{cfg.matmul_size}", mm["flops_per_s"] / 1e9, "GFLOP/s", a=mm["time"]),
+        _row(f"mfu_cnn_b{b}", achieved / mm["flops_per_s"], "fraction", batch_size=b,
+             note="achieved model FLOP/s / dense matmul FLOP/s on the same machine"),
+        _row(f"cnn_images_per_second_b{b}", b / step, "images/s", batch_size=b),
+        _row("matmul_bound_images_per_second", bound_images, "images/s",
+             note="dense-matmul FLOP/s / training FLOPs per image"),
+    ]
+    if cfg.accelerator == "cpu":
+        if b in ref.TF_CPU_STEP["cnn"]:
+            rows.append(_row(f"cnn_over_tf_cpu_b{b}", step / ref.TF_CPU_STEP["cnn"][b], "x", batch_size=b,
+                             note=f"TF 2-core reference {ref.TF_CPU_STEP['cnn'][b]} s/step ({ref.TF_CPU})"))
+        rows.append(_row("fraction_of_tf_cpu_bound", (b / step) / ref.TF_CPU_BOUND_IMAGES_PER_S, "fraction",
+                         note=f"images/s over the TF 2-core {ref.TF_CPU_BOUND_IMAGES_PER_S:.0f} images/s "
+                              "arithmetic-bound regime (0.6 GFLOP per training sample)"))
+    return rows
+
+
+def run_overhead_bench(cfg: OverheadConfig, echo: Callable[[str], None] = print,
+                       factories: Optional[dict] = None, label: Optional[str] = None) -> dict:
+    """Run the requested parts; returns a validated results document (kind 'overhead').
+
+    factories: optional {"cnn": f(kind, loss), "bnn": f(kind, loss)} replacing the model registry (tests).
+    """
+    import torch
+
+    from cosmolit.backends import resolve_accelerator
+    from cosmolit.bench.env import capture_environment
+    from cosmolit.bench.results import make_payload
+    from cosmolit.bench.train import apply_threads, torch_device
+    from cosmolit.config import to_dict
+
+    factories = factories or {}
+    cfg.accelerator = resolve_accelerator(cfg.accelerator)
+    if cfg.accelerator == "ipu":
+        raise UsageError("bench overhead runs on cpu or gpu")
+    device = torch_device(cfg.accelerator)
+    previous = apply_threads(cfg.threads, None, echo)
+    rows: list[dict] = []
     try:
-        sink.append(None)
-        sink.pop()
-        run_result = _run_mode(run, mode, recorded)
+        if "lightning" in cfg.parts:
+            rows += lightning_overhead(cfg, device, echo, factories.get("cnn"))
+        if "pyro" in cfg.parts:
+            rows += pyro_overhead(cfg, device, echo, factories.get("bnn"))
+        if "mfu" in cfg.parts:
+            rows += mfu(cfg, device, echo, factories.get("cnn"))
+        env = capture_environment(cfg.accelerator, "32-true", "overhead")
     finally:
-        callbacks.summarize = original
-    return run_result
-
-
-def _run_mode(run, mode, recorded):
-    import cosmolit.bench.train as train_mod
-
-    # time_training summarises through cosmolit.bench.callbacks.summarize; take the step times from there
-    holder = []
-    try:
-        run.__globals__  # noqa: B018 - keep flake quiet
-    except AttributeError:
-        pass
-    row_times = []
-
-    def wrapped():
-        return run(mode)
-
-    try:
-        wrapped()
-    except IndexError:
-        pass
-    _ = train_mod, holder
-    row_times = recorded[0] if recorded else []
-    if not row_times:
-        raise UsageError(f"{mode}: no step was timed")
-    return row_times
+        torch.set_num_threads(previous)
+    return make_payload("overhead", rows, env, to_dict(cfg), label or f"cosmolit {cfg.accelerator} overheads")

@@ -250,7 +250,7 @@ def _time_lightning(model, cfg: TrainBenchConfig, batch: int, x, y, echo) -> dic
                          **limits, **opts)
     with _quiet_lightning():
         trainer.fit(model, _loader(x, y, batch * k, length, cfg.seed))
-    return timer.summary()
+    return dict(timer.summary(), times=list(timer.step_times))
 
 
 @contextlib.contextmanager
@@ -300,7 +300,8 @@ def _time_bare(model, cfg: TrainBenchConfig, batch: int, x, y, device, echo) -> 
         loss.backward()
         opt.step()
         clock.stop()
-    return {"step": clock.summary(), "epoch": summarize([]), "calls": clock.calls, "compile": compiled}
+    return {"step": clock.summary(), "epoch": summarize([]), "calls": clock.calls, "compile": compiled,
+            "times": list(clock.times)}
 
 
 def _time_static(model, cfg: TrainBenchConfig, batch: int, x, y, device, echo) -> dict:
@@ -337,18 +338,25 @@ def _time_static(model, cfg: TrainBenchConfig, batch: int, x, y, device, echo) -
         runner.run(*blocks[i % n_blocks])
         clock.stop()
     return {"step": clock.summary(), "epoch": summarize([]), "calls": clock.calls, "compile": compiled,
-            "static": runner.static, "static_reason": runner.reason}
+            "static": runner.static, "static_reason": runner.reason, "times": list(clock.times)}
 
 
 def time_training(cfg: TrainBenchConfig, batch: int, echo: Callable[[str], None] = print,
                   factory: Optional[Callable] = None) -> dict:
     """Build a fresh model and time its training at one batch size; returns a results row."""
+    return time_training_raw(cfg, batch, echo, factory)[0]
+
+
+def time_training_raw(cfg: TrainBenchConfig, batch: int, echo: Callable[[str], None] = print,
+                      factory: Optional[Callable] = None) -> tuple[dict, list[float]]:
+    """(results row, the raw per-step times [s] after warm-up) for one batch size."""
     import pytorch_lightning as pl
     import torch
 
     from cosmolit.bench.callbacks import images_per_second, study_seconds
 
-    pl.seed_everything(cfg.seed, verbose=False)
+    with _quiet_lightning():
+        pl.seed_everything(cfg.seed)
     model = build_bench_model(cfg.model, cfg.loss, cfg.bands, cfg.stamp, cfg.epoch_images, factory)
     device = torch_device(cfg.accelerator) if cfg.accelerator != "ipu" else torch.device("cpu")
     if cfg.mode != "lightning":
@@ -377,7 +385,7 @@ def time_training(cfg: TrainBenchConfig, batch: int, echo: Callable[[str], None]
     for key in ("compile", "static", "static_reason"):
         if key in timing:
             row[key] = timing[key]
-    return {k_: v for k_, v in row.items() if v is not None}
+    return {k_: v for k_, v in row.items() if v is not None}, timing["times"]
 
 
 def run_train_bench(cfg: TrainBenchConfig, echo: Callable[[str], None] = print, progress: bool = True,

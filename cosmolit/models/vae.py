@@ -36,7 +36,8 @@ from cosmolit.backends import mark_loss
 from cosmolit.errors import UsageError
 from cosmolit.models.base import CosmolitModule
 from cosmolit.models.flow import LatentFlow
-from cosmolit.nn.decoder import PRELU_KINDS, Decoder, make_prelu
+from cosmolit.nn.decoder import Decoder
+from cosmolit.nn.trunk import PRELU_KINDS, Trunk, make_prelu
 
 STD_EPS = 1e-4  # added to the softplus std of q(z|x)
 LOG_SIGMA_MIN = -7.0  # floor of the learned log sigma (asinh units)
@@ -136,8 +137,6 @@ class GalaxyVAE(CosmolitModule):
             raise UsageError(str(exc)) from None
         super().__init__(bands=bands, stamp=stamp, normalisation=normalisation, provenance=provenance)
         self.save_hyperparameters()
-        from cosmolit.nn.trunk import Trunk
-
         n_bands, latent_dim = len(bands), int(latent_dim)
         self.latent_dim = latent_dim
         self.trunk = Trunk(in_channels=n_bands, stamp=int(stamp), filters=tuple(filters), prelu=prelu)

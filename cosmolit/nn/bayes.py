@@ -117,7 +117,10 @@ class MeanFieldWeights(nn.Module):
 
 def build_shape_net(in_channels: int, stamp: int, filters=(32, 64, 128, 256), prelu: str = "element",
                     targets: int = 3) -> nn.Module:
-    """The shape network (Trunk -> GaussianHead raw outputs), deterministic, as ShapeCNN builds it."""
+    """The shape network, deterministic: Trunk -> GaussianHead, x (B, C, H, W) -> (mean (B, T), scale_tril (B, T, T)).
+
+    The layers of ShapeCNN; normalised images in.
+    """
     from cosmolit.nn.gaussian import GaussianHead
     from cosmolit.nn.trunk import Trunk
 
@@ -145,15 +148,10 @@ class TorchBayesianShapeNet(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """(mean (B, T), scale_tril (B, T, T)) with one fresh weight draw."""
-        from cosmolit.nn.gaussian import head_to_gaussian
-
         return self._run(x, self.weights.rsample())
 
     def _run(self, x: torch.Tensor, weights: list[torch.Tensor]):
-        from cosmolit.nn.gaussian import head_to_gaussian
-
-        raw = torch.func.functional_call(self.net, self.weights.as_dict(weights), (x,))  # (B, P)
-        return head_to_gaussian(raw, self.targets)
+        return torch.func.functional_call(self.net, self.weights.as_dict(weights), (x,))  # (B, T), (B, T, T)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean Gaussian NLL + KL / train_size with one weight draw (softplus computed once)."""

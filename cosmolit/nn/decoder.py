@@ -21,19 +21,7 @@ import torch
 from torch import nn
 
 from cosmolit.errors import UsageError
-
-PRELU_KINDS = ("element", "channel")
-
-
-def make_prelu(kind: str, shape: tuple[int, ...]) -> nn.Module:
-    """A PReLU with one slope per element of `shape` ("element") or per channel ("channel")."""
-    if kind == "element":
-        from cosmolit.nn.trunk import ElementwisePReLU
-
-        return ElementwisePReLU(shape, init=0.25)
-    if kind == "channel":
-        return nn.PReLU(shape[0], init=0.25)
-    raise UsageError(f"prelu {kind!r} is not allowed; choose one of {', '.join(PRELU_KINDS)}")
+from cosmolit.nn.trunk import PRELU_KINDS, make_prelu
 
 
 class Decoder(nn.Module):

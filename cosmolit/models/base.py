@@ -1,0 +1,145 @@
+"""CosmolitModule: what the three models (shape CNN, Bayesian CNN, VAE) share.
+
+- Hyper-parameters of plain types only (str, int, float, bool, lists, dicts), saved by each
+  subclass with `self.save_hyperparameters()`, so a checkpoint loads with
+  `torch.load(weights_only=True)` and `Model.load_from_checkpoint(path)` needs no argument.
+  Shared fields: `bands` (one letter per channel), `stamp` (pixels per side), `normalisation`
+  (per-band scale, electrons; see cosmolit.data), `provenance` (where the training data came from).
+- Input normalisation: the networks see y = asinh(x / scale_b) of raw electrons x; the scale is
+  a (non-persistent) buffer rebuilt from the hyper-parameters, so it follows the module across
+  devices.
+- Logging that works the same on every accelerator, IPU included: the steps only return their
+  loss (`step_output`); per-step `self.log` happens only off the IPU; the detached step losses
+  are gathered in the batch-end hooks and their means logged in the epoch-end hooks as
+  `train_loss_epoch` and `val_loss` (ModelCheckpoint and EarlyStopping monitor `val_loss`), plus
+  `train_<part>_epoch` / `val_<part>` for the extra terms a model reports (nll, kl, rec...).
+- One torch.optim.Adam (the IPU strategy takes exactly one torch optimizer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+
+from cosmolit.backends import on_ipu
+from cosmolit.errors import UsageError
+
+
+def check_normalisation(normalisation: Optional[Sequence], bands: str) -> list[float]:
+    """Per-band scales as a list of positive finite floats (ones when None)."""
+    if normalisation is None:
+        return [1.0] * len(bands)
+    try:
+        values = [float(v) for v in normalisation]
+    except (TypeError, ValueError):
+        raise UsageError(f"normalisation must be a list of {len(bands)} numbers, got {normalisation!r}") from None
+    if len(values) != len(bands):
+        raise UsageError(
+            f"normalisation has {len(values)} scales but bands {bands!r} has {len(bands)}; give one per band"
+        )
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise UsageError(f"normalisation scales must be positive and finite, got {values}")
+    return values
+
+
+class CosmolitModule(pl.LightningModule):
+    """Base LightningModule: normalisation buffer, epoch-mean logging, one Adam optimizer.
+
+    Subclasses call `super().__init__(bands=..., stamp=..., normalisation=..., provenance=...)`
+    then `self.save_hyperparameters()`, and define `lr` among their hyper-parameters.
+    """
+
+    def __init__(self, bands: str = "ugrizy", stamp: int = 64, normalisation: Optional[Sequence] = None,
+                 provenance: Optional[dict] = None):
+        super().__init__()
+        if not isinstance(bands, str) or not bands:
+            raise UsageError(f"bands must be a non-empty string of band letters such as 'ugrizy', got {bands!r}")
+        if int(stamp) < 1:
+            raise UsageError(f"stamp must be a positive number of pixels, got {stamp}")
+        if provenance is not None and not isinstance(provenance, dict):
+            raise UsageError(f"provenance must be a mapping or null, got {type(provenance).__name__}")
+        scale = check_normalisation(normalisation, bands)
+        # (1, C, 1, 1); not saved in state_dict: the hyper-parameters are its source
+        self.register_buffer("norm_scale", torch.tensor(scale, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self._step_values: dict[str, dict[str, list]] = {"train": {}, "val": {}}
+
+    # ------------------------------------------------------------------ normalisation
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw electrons (B, C, H, W) -> network input asinh(x / scale_b) (B, C, H, W)."""
+        return torch.asinh(x / self.norm_scale.to(x.dtype))
+
+    def denormalise(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalise`: sinh(y) * scale_b (B, C, H, W) electrons."""
+        return torch.sinh(y) * self.norm_scale.to(y.dtype)
+
+    def check_compatible(self, info) -> None:
+        """UsageError when a dataset (cosmolit.dataset.DatasetInfo) has other bands or stamp size."""
+        bands, stamp = str(self.hparams.get("bands")), int(self.hparams.get("stamp"))
+        if info.bands != bands:
+            raise UsageError(f"dataset {info.path!r} has bands {info.bands!r} but the model was trained on {bands!r}")
+        if (info.height, info.width) != (stamp, stamp):
+            raise UsageError(
+                f"dataset {info.path!r} has {info.height}x{info.width} stamps but the model expects {stamp}x{stamp}"
+            )
+
+    # ------------------------------------------------------------------ logging
+    def step_output(self, stage: str, loss: torch.Tensor, **parts: torch.Tensor):
+        """What a training / validation step returns: the loss, with its parts when not on an IPU.
+
+        Off the IPU it also logs `train_loss` (and `train_<part>`) per training step. On the IPU
+        only the loss tensor leaves the compiled step. Never reads a tensor's value on the host.
+        """
+        if on_ipu(self):
+            return loss
+        if stage == "train":
+            self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+            for name, value in parts.items():
+                self.log(f"train_{name}", value, on_step=True, on_epoch=False)
+        if not parts:
+            return loss
+        return {"loss": loss, **{name: value.detach() for name, value in parts.items()}}
+
+    def _gather(self, stage: str, outputs) -> None:
+        if outputs is None:
+            return
+        if isinstance(outputs, torch.Tensor):
+            outputs = {"loss": outputs}
+        store = self._step_values[stage]
+        for name, value in outputs.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                store.setdefault(name, []).append(value.detach().reshape(()).float())
+
+    def _log_means(self, stage: str) -> None:
+        store = self._step_values[stage]
+        for name, values in store.items():
+            if not values:
+                continue
+            key = f"{stage}_{name}" + ("_epoch" if stage == "train" else "")
+            self.log(key, torch.stack(values).mean(), on_step=False, on_epoch=True, prog_bar=(key == "val_loss"))
+        self._step_values[stage] = {}
+
+    def on_train_epoch_start(self) -> None:
+        self._step_values["train"] = {}
+
+    def on_validation_epoch_start(self) -> None:
+        self._step_values["val"] = {}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self._gather("train", outputs)
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._gather("val", outputs)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_means("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_means("val")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=float(self.hparams.get("lr", 1e-3)))

@@ -1,0 +1,367 @@
+"""cosmolit.bench: timing callbacks, results schema, plots, static-graph fallback, CLI (tiny runs on CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cosmolit.errors import UsageError
+
+
+class ToyModule:
+    """Factory of a tiny LightningModule with the interface cosmolit.bench expects."""
+
+    @staticmethod
+    def make(kind="cnn", loss=None):
+        import pytorch_lightning as pl
+
+        class Toy(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.save_hyperparameters({"targets": ["e1", "e2", "redshift"]})
+                self.net = nn.Sequential(nn.Conv2d(6, 4, 3, stride=4), nn.Flatten(), nn.Linear(4 * 16 * 16, 3))
+
+            def forward(self, x):  # (B, 6, 64, 64) -> (B, 3)
+                return self.net(x / 100.0)
+
+            def compute_loss(self, x, y):  # y (B, 3)
+                return ((self(x) - y) ** 2).mean()
+
+            def training_step(self, batch, batch_idx):
+                return self.compute_loss(*batch)
+
+            def configure_optimizers(self):
+                return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+        torch.manual_seed(0)
+        return Toy()
+
+
+def toy_factory(kind, loss):
+    return ToyModule.make(kind, loss)
+
+
+# ----------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("values, median, iqr", [([1.0], 1.0, 0.0), ([1.0, 2.0, 3.0, 4.0, 5.0], 3.0, 2.0),
+                                                 ([4.0, 1.0, 3.0, 2.0], 2.5, 1.5)])
+def test_summarize(values, median, iqr):
+    from cosmolit.bench.callbacks import summarize
+
+    s = summarize(values)
+    assert s["n"] == len(values)
+    assert s["median"] == pytest.approx(median)
+    assert s["iqr"] == pytest.approx(iqr)
+    assert s["min"] == min(values) and s["max"] == max(values)
+    assert summarize([])["n"] == 0 and math.isnan(summarize([])["median"])
+
+
+def test_study_unit_and_reference_conversion():
+    from cosmolit.bench import reference as ref
+    from cosmolit.bench.callbacks import study_seconds
+
+    # 100 epochs of 8,000 images at batch 2 = 400,000 steps
+    assert study_seconds(0.001, 2) == pytest.approx(400.0)
+    tf = ref.tf_cpu_train_seconds("cnn")
+    assert tf[2] == pytest.approx(0.0167 * 400_000)
+    assert ref.TRAIN["cnn"]["GC2 IPU (paper)"][12] == 151.53
+    assert ref.TRAIN["bnn"]["V100 GPU (paper)"][24] == 522.48
+    assert set(ref.GENERATE["V100 GPU (paper)"]) == {1, 10, 100, 500, 1000, 5000}
+    assert "TF 2-core CPU (study code)" in ref.train_series("bnn")
+
+
+def test_step_clock_excludes_warmup_and_divides_by_device_iterations():
+    from cosmolit.bench.callbacks import StepClock
+
+    clock = StepClock(warmup=2, steps_per_call=4)
+    for _ in range(5):
+        clock.start()
+        sum(range(20000))
+        clock.stop()
+    assert clock.calls == 5 and len(clock.times) == 3
+    single = StepClock()
+    single.start()
+    sum(range(20000))
+    single.stop()
+    assert all(t > 0 for t in clock.times)
+    assert clock.summary()["median"] < single.times[0]  # /4 per call
+
+
+def test_timing_callback_counts_steps_and_epochs():
+    import pytorch_lightning as pl
+
+    from cosmolit.bench.callbacks import TimingCallback
+
+    model = ToyModule.make()
+    x = torch.randn(24, 6, 64, 64).abs() * 50
+    y = torch.randn(24, 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)  # 6 steps/epoch
+    timer = TimingCallback(warmup_steps=4, warmup_epochs=1)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[timer], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, loader)
+    s = timer.summary()
+    assert s["calls"] == 18 and s["step"]["n"] == 18 - 4
+    assert s["epochs"] == 3 and s["epoch"]["n"] == 3 - 1
+    assert s["step"]["min"] > 0 and s["epoch"]["min"] > s["step"]["min"]
+    assert s["step"]["q1"] <= s["step"]["median"] <= s["step"]["q3"]
+
+
+# ----------------------------------------------------------------------------- schema
+def _train_payload(label="toy run", scale=1.0):
+    from cosmolit.bench.callbacks import images_per_second, study_seconds, summarize
+    from cosmolit.bench.results import make_payload
+
+    rows = []
+    for b in (2, 4, 8):
+        st = summarize([0.01 * scale * (1 + b / 8), 0.011 * scale * (1 + b / 8)])
+        rows.append({"model": "cnn", "batch_size": b, "mode": "lightning", "step_time": st,
+                     "images_per_second": images_per_second(st["median"], b),
+                     "seconds_per_100_epochs": study_seconds(st["median"], b)})
+    return make_payload("train", rows, {"accelerator": "cpu"}, {"steps": 2}, label)
+
+
+def test_results_round_trip(tmp_path):
+    from cosmolit.bench.results import load_results, write_results
+
+    payload = _train_payload()
+    path = write_results(tmp_path / "r.json", payload)
+    back = load_results(path)
+    assert back == json.loads(json.dumps(payload))
+    with pytest.raises(UsageError, match="already exists"):
+        write_results(path, payload)
+    write_results(path, payload, force=True)
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p.update(schema="other/9"), "schema"),
+    (lambda p: p.update(kind="inference"), "kind"),
+    (lambda p: p.pop("environment"), "environment"),
+    (lambda p: p.update(results=[]), "empty"),
+    (lambda p: p["results"][0].pop("step_time"), "step_time"),
+    (lambda p: p["results"][1].update(batch_size="four"), "batch_size"),
+    (lambda p: p["results"][0]["step_time"].update(median=-1.0), "negative"),
+    (lambda p: p["results"][0]["step_time"].update(n=0), "at least one"),
+])
+def test_malformed_results_are_refused(tmp_path, mutate, message):
+    from cosmolit.bench.results import load_results
+
+    payload = json.loads(json.dumps(_train_payload()))
+    mutate(payload)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(UsageError, match=message) as err:
+        load_results(path)
+    assert "\n" not in str(err.value)
+
+
+def test_not_json_and_missing_file(tmp_path):
+    from cosmolit.bench.results import load_results
+
+    bad = tmp_path / "x.json"
+    bad.write_text("{not json")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        load_results(bad)
+    with pytest.raises(UsageError, match="does not exist"):
+        load_results(tmp_path / "nope.json")
+
+
+# ----------------------------------------------------------------------------- plot
+def test_plot_writes_png(tmp_path):
+    from cosmolit.bench.plot import plot_results
+    from cosmolit.bench.results import make_payload, write_results
+
+    a = write_results(tmp_path / "a.json", _train_payload("run a"))
+    b = write_results(tmp_path / "b.json", _train_payload("run b", scale=2.0))
+    out = plot_results([a, b], tmp_path / "fig.png", reference="paper")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    gen_rows = [{"n": n, "time": {"n": 1, "median": 0.01 * n, "q1": 0.01 * n, "q3": 0.01 * n, "min": 0.01 * n,
+                                  "max": 0.01 * n}, "images_per_second": 100.0} for n in (1, 10, 100)]
+    g = write_results(tmp_path / "g.json", make_payload("generate", gen_rows, {}, {}, "gen"))
+    out2 = plot_results([g], tmp_path / "gen.png", reference="paper", baseline="V100")
+    assert out2.exists()
+    with pytest.raises(UsageError, match="one kind"):
+        plot_results([a, g], tmp_path / "mixed.png")
+    with pytest.raises(UsageError, match="matches no series"):
+        plot_results([a], tmp_path / "x.png", baseline="TPU")
+
+
+def test_ratio():
+    from cosmolit.bench.plot import ratio
+
+    assert ratio({2: 4.0, 4: 2.0, 8: 1.0}, {2: 2.0, 8: 4.0}) == {2: 2.0, 8: 0.25}
+
+
+# ----------------------------------------------------------------------------- static-graph mode
+def test_static_train_step_falls_back_on_cpu():
+    from cosmolit.backends.static import StaticCall, StaticTrainStep
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.PReLU(), nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = lambda x, y: ((model(x) - y) ** 2).mean()  # noqa: E731
+    gen = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(3, 16, 5, generator=gen), torch.randn(3, 16, 1, generator=gen)  # (K, B, ...)
+    messages = []
+    step = StaticTrainStep(model, loss_fn, opt, (xs, ys), echo=messages.append)
+    assert not step.static and step.device_iterations == 3
+    assert len(messages) == 1 and "no CUDA" in messages[0] and "eager" in messages[0]
+    before = float(loss_fn(xs[0], ys[0]))
+    for _ in range(20):
+        step.run(xs, ys)
+    assert float(loss_fn(xs[0], ys[0])) < before  # it trained: 60 Adam steps
+    with pytest.raises(ValueError, match="differ"):
+        step.run(xs[:2], ys[:2])
+    call = StaticCall(lambda a: a * 2, (torch.ones(3),), echo=messages.append)
+    assert not call.static and torch.equal(call(torch.arange(3.0)), torch.tensor([0.0, 2.0, 4.0]))
+
+
+def test_bench_train_modes_with_toy_model():
+    from cosmolit.bench.results import validate
+    from cosmolit.bench.train import TrainBenchConfig, run_train_bench
+
+    msgs = []
+    for mode in ("lightning", "bare", "static"):
+        cfg = TrainBenchConfig(batch_sizes=[2, 4], steps=4, warmup_steps=2, mode=mode, pool=8, threads=1,
+                               device_iterations=2 if mode == "static" else 1)
+        payload = run_train_bench(cfg, echo=msgs.append, progress=False, factory=toy_factory)
+        validate(payload)
+        rows = payload["results"]
+        assert [r["batch_size"] for r in rows] == [2, 4]
+        assert all(r["step_time"]["median"] > 0 for r in rows)
+        if mode != "static":
+            assert all(r["steps_timed"] == 4 for r in rows)
+        else:
+            assert rows[0]["static"] is False and rows[0]["device_iterations"] == 2
+        r = rows[0]
+        assert r["seconds_per_100_epochs"] == pytest.approx(r["step_time"]["median"] * 8000 / 2 * 100)
+        assert payload["environment"]["mode"] == mode and "hostname" not in payload["environment"]
+    assert any("needs CUDA" in m for m in msgs)
+
+
+def test_bench_generate_with_toy_decoder():
+    from cosmolit.bench.generate import GenerateBenchConfig, run_generate_bench
+
+    class ToyVAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = nn.Linear(4, 6 * 8 * 8)
+
+        def sample(self, n):
+            return self.dec(torch.randn(n, 4)).reshape(n, 6, 8, 8)
+
+    cfg = GenerateBenchConfig(n=[1, 50], repeats=2, warmup=5)
+    payload = run_generate_bench(cfg, echo=lambda m: None, progress=False, factory=ToyVAE)
+    assert [r["n"] for r in payload["results"]] == [1, 50]
+    assert all(r["time"]["n"] == 2 and r["time"]["min"] > 0 for r in payload["results"])
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def test_forward_flops_of_the_study_trunk():
+    from cosmolit.bench.overhead import count_forward_flops
+
+    layers, c = [], 6
+    for f in (32, 64, 128, 256):  # the study's trunk: conv 3x3 same, conv 3x3 stride 2, each + PReLU
+        layers += [nn.Conv2d(c, f, 3, padding=1), nn.PReLU(), nn.Conv2d(f, f, 3, stride=2, padding=1), nn.PReLU()]
+        c = f
+    trunk = nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 4 * 256, 9))
+    flops = count_forward_flops(trunk, torch.zeros(1, 6, 64, 64))
+    first = 2 * 32 * 64 * 64 * 6 * 9
+    assert flops > first
+    assert flops == pytest.approx(0.2e9, rel=0.05)  # the paper's "about 0.2 GFLOP per image"
+    assert count_forward_flops(nn.Linear(10, 7), torch.zeros(3, 10)) == 2 * 3 * 7 * 10
+    assert count_forward_flops(nn.ConvTranspose2d(4, 2, 2, stride=2), torch.zeros(1, 4, 5, 5)) == 2 * 100 * 2 * 4
+
+
+def test_overhead_lightning_and_mfu_with_toy(tmp_path):
+    from cosmolit.bench.overhead import OverheadConfig, run_overhead_bench
+    from cosmolit.bench.results import load_results, write_results
+
+    cfg = OverheadConfig(batch_size=4, steps=3, warmup_steps=1, rounds=2, parts=["lightning", "mfu"],
+                         matmul_size=128, threads=1)
+    payload = run_overhead_bench(cfg, echo=lambda m: None, factories={"cnn": toy_factory})
+    names = {r["name"]: r for r in payload["results"]}
+    ratio = names["lightning_over_bare_cnn_b4"]
+    assert ratio["value"] == pytest.approx(ratio["a"]["median"] / ratio["b"]["median"])
+    assert ratio["a"]["n"] == 2 * 3 and ratio["goal"] == 1.10
+    assert 0 < names["mfu_cnn_b4"]["value"]
+    assert names["cnn_forward_gflop_per_image"]["value"] == pytest.approx(2 * 4 * 16 * 16 * 6 * 9 / 1e9
+                                                                         + 2 * 3 * 1024 / 1e9)
+    load_results(write_results(tmp_path / "o.json", payload))
+
+
+# ----------------------------------------------------------------------------- CLI
+def _cli():
+    from typer.testing import CliRunner
+
+    from cosmolit.cli import app
+
+    return CliRunner(), app
+
+
+def test_cli_bench_usage_errors(tmp_path):
+    runner, app = _cli()
+    res = runner.invoke(app, ["bench", "train", "--mode", "turbo", "--out", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and "mode" in res.output and "lightning" in res.output
+    assert "Traceback" not in res.output
+    res = runner.invoke(app, ["bench", "train", "--batch-sizes", "2,x", "--out", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and "--batch-sizes" in res.output
+    res = runner.invoke(app, ["bench", "train", "--model", "bnn", "--loss", "mse", "--out", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and "mse" in res.output
+    (tmp_path / "bad.json").write_text("[]")
+    res = runner.invoke(app, ["bench", "plot", str(tmp_path / "bad.json"), "--out", str(tmp_path / "f.png")])
+    assert res.exit_code == 2 and "JSON object" in res.output
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_bench_plot(tmp_path):
+    from cosmolit.bench.results import write_results
+
+    runner, app = _cli()
+    a = write_results(tmp_path / "a.json", _train_payload())
+    res = runner.invoke(app, ["bench", "plot", str(a), "--reference", "paper", "--out", str(tmp_path / "f.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("model", ["cnn", "bnn"])
+def test_cli_bench_train_tiny_real_model(tmp_path, model):
+    pytest.importorskip(f"cosmolit.models.{model}", reason=f"cosmolit.models.{model} is not written yet")
+    from cosmolit.bench.results import load_results
+
+    runner, app = _cli()
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["bench", "train", "--model", model, "--batch-sizes", "2", "--steps", "3",
+                              "--warmup-steps", "1", "--threads", "1", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    payload = load_results(out)
+    row = payload["results"][0]
+    assert row["model"] == model and row["batch_size"] == 2 and row["steps_timed"] == 3
+    assert row["step_time"]["median"] > 0 and np.isfinite(row["images_per_second"])
+    assert payload["environment"]["torch"] == torch.__version__
+
+
+def test_cli_bench_generate_and_overhead_real_models(tmp_path):
+    for name in ("vae", "bnn", "cnn"):
+        pytest.importorskip(f"cosmolit.models.{name}", reason=f"cosmolit.models.{name} is not written yet")
+    from cosmolit.bench.results import load_results
+
+    runner, app = _cli()
+    gen = tmp_path / "g.json"
+    res = runner.invoke(app, ["bench", "generate", "--n", "1,3", "--repeats", "2", "--warmup", "2", "--threads", "1",
+                              "--out", str(gen), "-q"])
+    assert res.exit_code == 0, res.output
+    rows = load_results(gen)["results"]
+    assert [r["n"] for r in rows] == [1, 3] and all(r["time"]["n"] == 2 for r in rows)
+    ovh = tmp_path / "o.json"
+    res = runner.invoke(app, ["bench", "overhead", "--batch-size", "2", "--bnn-batch-size", "2", "--steps", "1",
+                              "--rounds", "1", "--parts", "pyro,mfu", "--threads", "1", "--out", str(ovh)])
+    assert res.exit_code == 0, res.output
+    names = {r["name"]: r for r in load_results(ovh)["results"]}
+    assert names["cnn_forward_gflop_per_image"]["value"] == pytest.approx(0.2, rel=0.05)
+    assert names["pyro_over_torch_bnn_b2"]["value"] > 0 and names["mfu_cnn_b2"]["value"] > 0

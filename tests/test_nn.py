@@ -1,0 +1,129 @@
+"""The trunk, the element-wise PReLU and the Gaussian head / likelihood (cosmolit.nn)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cosmolit.errors import UsageError
+from cosmolit.nn.gaussian import GaussianHead, covariance, gaussian_nll, head_to_gaussian, tril_size
+from cosmolit.nn.trunk import ElementwisePReLU, Trunk
+
+
+def test_prelu_matches_the_where_formulation_values_and_gradients():
+    torch.manual_seed(0)
+    p = ElementwisePReLU((4, 5, 5), init=0.25)
+    with torch.no_grad():
+        p.weight.uniform_(-0.5, 0.9)
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    ref_w = p.weight.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = p(x)
+    y_ref = torch.where(x_ref >= 0, x_ref, ref_w * x_ref)
+    assert torch.allclose(y, y_ref)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad) and torch.allclose(p.weight.grad, ref_w.grad)
+    assert p.weight.grad.shape == (4, 5, 5)  # a slope per element
+    assert torch.allclose(p.weight.grad, (g * x.detach() * (x.detach() < 0)).sum(0))
+    # per-channel slopes broadcast over H, W
+    pc = ElementwisePReLU((4, 1, 1), init=0.1)
+    assert torch.allclose(pc(-torch.ones(2, 4, 3, 3)), torch.full((2, 4, 3, 3), -0.1))
+
+
+@pytest.mark.parametrize("prelu", ["element", "channel"])
+def test_trunk_shapes(prelu):
+    trunk = Trunk(in_channels=3, stamp=32, filters=(4, 8, 8, 16), prelu=prelu)
+    assert trunk.out_features == 16 * 2 * 2
+    out = trunk(torch.randn(5, 3, 32, 32))
+    assert out.shape == (5, 64)
+    layers = [type(m) for m in trunk.modules() if not isinstance(m, (Trunk, nn.Sequential))]
+    assert layers.count(nn.Conv2d) == 8 and layers.count(nn.BatchNorm2d) == 1
+
+
+def test_parameter_count_matches_the_study():
+    """6 bands, 64x64, filters 32..256, element PReLU, Linear(4096, 9): 1,517,205 as TensorFlow counts."""
+    trunk = Trunk()
+    head = GaussianHead(trunk.out_features, 3)
+    assert trunk.out_features == 4096 and head.linear.out_features == 9
+    n = sum(p.numel() for m in (trunk, head) for p in m.parameters() if p.requires_grad)
+    assert n == 1_517_205
+    assert sum(p.numel() for m in trunk.modules() if isinstance(m, ElementwisePReLU) for p in m.parameters()) == 307_200
+
+
+@pytest.mark.parametrize("kw", [dict(stamp=60), dict(stamp=8), dict(prelu="shared"), dict(filters=()),
+                                dict(filters=(8, 0))])
+def test_trunk_refuses_bad_settings(kw):
+    with pytest.raises(UsageError):
+        Trunk(**{"in_channels": 3, "stamp": 32, "filters": (4, 8, 8, 16), **kw})
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5])
+def test_gaussian_nll_equals_torch_multivariate_normal(d):
+    gen = torch.Generator().manual_seed(d)
+    raw = torch.randn(16, d + tril_size(d), generator=gen, dtype=torch.float64) * 1.5
+    mean, scale_tril = head_to_gaussian(raw, d)
+    assert mean.shape == (16, d) and scale_tril.shape == (16, d, d)
+    assert torch.equal(scale_tril, torch.tril(scale_tril))
+    assert torch.all(torch.diagonal(scale_tril, dim1=-2, dim2=-1) > 0)
+    y = mean + torch.randn(16, d, generator=gen, dtype=torch.float64) * 2
+    ref = -torch.distributions.MultivariateNormal(mean, scale_tril=scale_tril).log_prob(y)
+    assert torch.allclose(gaussian_nll(y, mean, scale_tril), ref, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(covariance(scale_tril), scale_tril @ scale_tril.mT)
+
+
+def test_head_mapping_uses_softplus_diagonal_and_free_off_diagonal():
+    raw = torch.tensor([[0.5, -1.0, 0.0, 2.0, -3.0, 7.0, 11.0, 13.0, -17.0]])  # d = 3
+    mean, L = head_to_gaussian(raw, 3)
+    assert torch.equal(mean, raw[:, :3])
+    diag = torch.nn.functional.softplus(raw[0, 3:6]) + 1e-5
+    assert torch.allclose(torch.diagonal(L[0]), diag)
+    # strict lower triangle in row order: (1,0), (2,0), (2,1)
+    assert torch.equal(torch.stack([L[0, 1, 0], L[0, 2, 0], L[0, 2, 1]]), torch.tensor([11.0, 13.0, -17.0]))
+    assert L[0, 0, 1] == 0 and L[0, 0, 2] == 0 and L[0, 1, 2] == 0
+    with pytest.raises(UsageError):
+        head_to_gaussian(raw[:, :8], 3)
+
+
+def test_gaussian_head_gradients_and_known_value():
+    head = GaussianHead(7, 2)
+    with torch.no_grad():
+        head.linear.weight.zero_()
+        head.linear.bias.copy_(torch.tensor([0.0, 0.0, 20.0, 20.0, 0.0]))  # L ~ 20 I
+    mean, L = head(torch.randn(4, 7))
+    y = torch.zeros(4, 2)
+    # N(0, s^2 I) at 0: log(2 pi s^2)
+    s = 20.0 + 1e-5
+    assert torch.allclose(gaussian_nll(y, mean, L), torch.full((4,), math.log(2 * math.pi * s * s)), rtol=1e-5)
+    head2 = GaussianHead(7, 3)
+    m2, L2 = head2(torch.randn(4, 7))
+    gaussian_nll(torch.randn(4, 3), m2, L2).mean().backward()
+    assert torch.isfinite(head2.linear.weight.grad).all() and head2.linear.weight.grad.abs().sum() > 0
+
+
+def test_nll_uses_only_lowerable_ops():
+    """No cholesky / triangular solve / diagonal: every aten op of head + NLL is in PopTorch 3.4's list."""
+    from pathlib import Path
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    allowed_file = Path(__file__).resolve().parents[2] / "shared" / "reference" / "poptorch-3.4-aten-ops.txt"
+    if not allowed_file.exists():
+        pytest.skip("poptorch op list not present")
+    allowed = {line.strip() for line in allowed_file.read_text().splitlines() if line.strip()}
+    allowed |= {"empty", "lift_fresh", "detach", "alias", "t"}
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func._schema.name.split("::")[-1].rstrip("_"))
+            return func(*args, **(kwargs or {}))
+
+    raw = torch.randn(8, 3 + 6)
+    y = torch.randn(8, 3)
+    with Record():
+        mean, L = head_to_gaussian(raw, 3)
+        gaussian_nll(y, mean, L).mean()
+    assert seen and not (seen - allowed), sorted(seen - allowed)
