@@ -119,8 +119,8 @@ def _provenance_callback(kind: str, seed: int, config_yaml: str):
                 "model": kind,
                 "class": type(pl_module).__name__,
                 "version": __version__,
-                "torch": torch.__version__,
-                "pytorch_lightning": pl.__version__,
+                "torch": str(torch.__version__),
+                "pytorch_lightning": str(pl.__version__),
                 "seed": seed,
                 "config": config_yaml,
             }

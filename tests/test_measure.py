@@ -256,7 +256,7 @@ def test_evaluate_shapes_writes_required_keys(tmp_path):
     assert set(disk["redshift"]) >= {"rmse", "bias", "sigma_nmad", "outlier_frac"}
     for key in ("hsm_regauss", "hsm_ksb"):
         h = disk[key]
-        assert 0.0 <= h["failure_rate"] <= 1.0 and h["n"] == n
+        assert 0.0 <= h["failure_rate"] <= 1.0 and h["n"] == n and h["n_abs_e_gt_1"] >= 0
         assert h["e1"]["n"] == n - h["n_failed"]
         assert set(h["network"]["e1"]) >= {"rmse", "m", "m_err", "c", "c_err"}
     for key in ("coverage_68", "coverage_95", "nll", "spearman_sigma_error"):

@@ -93,13 +93,17 @@ def plot_results(paths: Sequence[str | Path], out: str | Path, reference: str = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import ScalarFormatter
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {name: cycle[i % len(cycle)] for i, name in enumerate(every)}  # same colour in both panels
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, pts in ours.items():
         xs = sorted(pts)
-        left.plot(xs, [pts[x] for x in xs], "o-", label=name)
+        left.plot(xs, [pts[x] for x in xs], "o-", color=colour[name], label=name)
     for name, pts in refs.items():
         xs = sorted(pts)
-        left.plot(xs, [pts[x] for x in xs], "s--", alpha=0.8, label=name)
+        left.plot(xs, [pts[x] for x in xs], "s--", color=colour[name], alpha=0.8, label=name)
     left.set_xscale("log")
     left.set_yscale("log")
     if kind == "train":
@@ -121,7 +125,8 @@ def plot_results(paths: Sequence[str | Path], out: str | Path, reference: str = 
         r = ratio(pts, base)
         if r:
             xs = sorted(r)
-            right.plot(xs, [r[x] for x in xs], "o-" if name in ours else "s--", label=f"{name} / baseline")
+            right.plot(xs, [r[x] for x in xs], "o-" if name in ours else "s--", color=colour[name],
+                       label=f"{name} / baseline")
             drawn += 1
     gpu, ipu = "V100 GPU (paper)", "GC2 IPU (paper)"
     if gpu in refs and ipu in refs and base_name not in (gpu, ipu):
@@ -133,6 +138,12 @@ def plot_results(paths: Sequence[str | Path], out: str | Path, reference: str = 
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel(left.get_xlabel())
+    ticks = sorted({x for pts in every.values() for x in pts})
+    for ax in (left, right):
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        if kind == "train" and len(ticks) <= 16:
+            ax.set_xticks([t for t in ticks if t in (2, 4, 8, 14, 32, 128) or len(ticks) <= 8])
     right.set_ylabel("time ratio")
     right.set_title(f"ratio to baseline: {base_name}", fontsize=8)
     right.grid(True, which="both", alpha=0.3)

@@ -95,7 +95,7 @@ class CosmolitModule(pl.LightningModule):
         """
         if on_ipu(self):
             return loss
-        if stage == "train":
+        if stage == "train" and getattr(self, "_trainer", None) is not None:  # bare loops call steps too
             self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
             for name, value in parts.items():
                 self.log(f"train_{name}", value, on_step=True, on_epoch=False)

@@ -33,15 +33,31 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from torch.distributions import kl_divergence
+from torch.distributions import kl_divergence, register_kl
 from torch.func import functional_call, vmap
 
 from cosmolit.backends import mark_loss
 from cosmolit.models.base import CosmolitModule
-from cosmolit.nn.bayes import MeanFieldWeights, build_shape_net, strip_weights
+from cosmolit.nn.bayes import MeanFieldWeights, build_shape_net, normal_kl_zero_mean, strip_weights
 from cosmolit.nn.gaussian import covariance, gaussian_nll
 
 DEFAULT_TARGETS = ("e1", "e2", "redshift")
+
+
+class ZeroMeanNormal(dist.Normal):
+    """Normal(0, scale), the weight prior. Its own type so that kl_divergence(Normal, ZeroMeanNormal)
+    dispatches to the lean closed form `normal_kl_zero_mean` (registered below)."""
+
+    def __init__(self, scale: torch.Tensor, validate_args=None):
+        super().__init__(scale.new_zeros(()).expand(scale.shape), scale, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return ZeroMeanNormal(self.scale.expand(batch_shape))
+
+
+@register_kl(dist.Normal, ZeroMeanNormal)
+def _kl_normal_zero_mean_normal(p, q):
+    return normal_kl_zero_mean(p.loc, p.scale, q.scale)
 PRELU_KINDS = ("element", "channel")
 
 
@@ -130,9 +146,7 @@ class BayesianShapeCNN(CosmolitModule):
         """(scalar Normal(0, prior_scale), [its expansion to each weight site]), cached per device and dtype."""
         key = (like.device, like.dtype)
         if self._priors is None or self._priors[0] != key:
-            zero = torch.zeros((), device=like.device, dtype=like.dtype)
-            scale = torch.full((), self.prior_scale, device=like.device, dtype=like.dtype)
-            base = dist.Normal(zero, scale)
+            base = ZeroMeanNormal(torch.full((), self.prior_scale, device=like.device, dtype=like.dtype))
             sites = [base.expand(shape).to_event(len(shape)) for shape in self._site_shapes]
             self._priors = (key, base, sites)
         return self._priors[1], self._priors[2]

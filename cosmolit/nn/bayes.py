@@ -47,6 +47,19 @@ def strip_weights(net: nn.Module) -> list[tuple[str, torch.Size]]:
     return sites
 
 
+def normal_kl_zero_mean(loc: torch.Tensor, scale: torch.Tensor, prior_scale) -> torch.Tensor:
+    """Elementwise KL(N(loc, scale) || N(0, prior_scale)) = (s^2 + m^2) / (2 p^2) - log s + log p - 1/2.
+
+    prior_scale: a float or a tensor broadcastable to loc. Six elementwise passes forward (torch's
+    generic Normal/Normal KL takes ten), which matters: the KL runs over all 1.2 M weights.
+    """
+    if isinstance(prior_scale, torch.Tensor):
+        c, const = 0.5 / (prior_scale * prior_scale), torch.log(prior_scale) - 0.5
+    else:
+        c, const = 0.5 / float(prior_scale) ** 2, math.log(float(prior_scale)) - 0.5
+    return torch.addcmul(loc * loc, scale, scale) * c - torch.log(scale) + const
+
+
 def he_normal_(t: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """He-normal (fan-in, gain sqrt 2) initialisation in place, as Keras' he_normal (untruncated)."""
     fan_in = t[0].numel()
@@ -102,13 +115,9 @@ class MeanFieldWeights(nn.Module):
         if scales is None:
             scales = self.scales()
         total = self.loc[0].new_zeros(())
-        log_p = math.log(prior_scale)
-        inv_2p2 = 0.5 / prior_scale**2
         for loc, scale in zip(self.loc, scales):
-            # KL(N(m, s) || N(0, p)) = log(p / s) + (s^2 + m^2) / (2 p^2) - 1/2, summed
-            term = (scale * scale + loc * loc) * inv_2p2 - torch.log(scale)
-            total = total + term.sum()
-        return total + (log_p - 0.5) * sum(loc.numel() for loc in self.loc)
+            total = total + normal_kl_zero_mean(loc, scale, prior_scale).sum()
+        return total
 
     def as_dict(self, weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """functional_call mapping {"<site>.weight": tensor}."""

@@ -1,0 +1,175 @@
+"""ShapeCNN: shapes, training signal, Lightning fit, checkpoint round trip on both stacks."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cosmolit.errors import UsageError
+
+SMALL = dict(bands="gri", stamp=32, filters=(4, 8, 8, 8))  # fast test network
+
+
+def _batch(path, n=8):
+    from cosmolit.data import GalaxyDataModule
+
+    dm = GalaxyDataModule(path, batch_size=n, val_fraction=0.25, seed=0, in_memory=True)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    return dm, x, y
+
+
+def test_defaults_match_the_study_parameter_count():
+    from cosmolit.models.cnn import ShapeCNN
+
+    model = ShapeCNN()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1_517_205
+
+
+def test_forward_and_predict_shapes(synthetic_small_h5):
+    from cosmolit.models.cnn import ShapeCNN
+
+    dm, x, y = _batch(synthetic_small_h5)
+    model = ShapeCNN(normalisation=dm.normalisation, **SMALL).eval()
+    mean, scale_tril = model(x)
+    assert mean.shape == (8, 3) and scale_tril.shape == (8, 3, 3)
+    assert torch.all(torch.diagonal(scale_tril, dim1=-2, dim2=-1) > 0)
+    out = model.predict_step((x, y), 0)
+    assert out["mean"].shape == (8, 3) and out["cov"].shape == (8, 3, 3)
+    assert torch.allclose(out["cov"], out["cov"].transpose(-1, -2))
+    assert torch.all(torch.linalg.eigvalsh(out["cov"].double()) > 0)
+    # the network sees asinh(x / scale): scaling the images and the scale together changes nothing
+    scaled = ShapeCNN(normalisation=[2 * s for s in dm.normalisation], **SMALL).eval()
+    scaled.load_state_dict(model.state_dict())
+    assert torch.allclose(scaled(2 * x)[0], mean, atol=1e-5)
+    assert torch.allclose(model.denormalise(model.normalise(x)), x, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("loss", ["nll", "mse"])
+def test_loss_decreases_on_a_fixed_batch(synthetic_small_h5, loss):
+    from cosmolit.models.cnn import ShapeCNN
+
+    torch.manual_seed(0)
+    dm, x, y = _batch(synthetic_small_h5)
+    model = ShapeCNN(normalisation=dm.normalisation, loss=loss, lr=3e-3, **SMALL)
+    opt = model.configure_optimizers()
+    assert isinstance(opt, torch.optim.Adam)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        value = model.compute_loss(x, y)
+        value.backward()
+        opt.step()
+        losses.append(float(value))
+    assert losses[-1] < losses[0] - 0.1 * abs(losses[0])
+    # the loss is what its name says, on the model's own outputs
+    model.eval()
+    with torch.no_grad():
+        mean, scale_tril = model(x)
+        value = model.compute_loss(x, y)
+    if loss == "mse":
+        assert torch.allclose(value, ((mean - y) ** 2).mean())
+    else:
+        ref = -torch.distributions.MultivariateNormal(mean, scale_tril=scale_tril).log_prob(y).mean()
+        assert torch.allclose(value, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_hparam_checks_and_config():
+    from pathlib import Path
+
+    from cosmolit.config import from_dict, read_yaml
+    from cosmolit.models.cnn import ShapeCNN, ShapeCNNConfig
+
+    cfg = from_dict(ShapeCNNConfig, read_yaml(Path(__file__).resolve().parents[1] / "configs" / "cnn.yaml")["model"])
+    assert cfg.targets == ("e1", "e2", "redshift") and cfg.filters == (32, 64, 128, 256) and cfg.loss == "nll"
+    for bad in ({"loss": "l1"}, {"prelu": "shared"}, {"lr": 0}, {"targets": []}, {"dropout": 0.1}):
+        with pytest.raises(UsageError):
+            from_dict(ShapeCNNConfig, bad)
+    for bad in (dict(loss="l1"), dict(normalisation=[1.0, 2.0]), dict(normalisation=[1.0, 0.0, 1.0]),
+                dict(stamp=30)):
+        with pytest.raises(UsageError):
+            ShapeCNN(**{**SMALL, **bad})
+
+
+def test_check_compatible(synthetic_small_h5):
+    from cosmolit.dataset import inspect_dataset
+    from cosmolit.models.cnn import ShapeCNN
+
+    info = inspect_dataset(synthetic_small_h5)
+    ShapeCNN(**SMALL).check_compatible(info)
+    with pytest.raises(UsageError, match="bands 'gri'.*'griz'"):
+        ShapeCNN(**{**SMALL, "bands": "griz"}).check_compatible(info)
+    with pytest.raises(UsageError, match="32x32.*64x64"):
+        ShapeCNN(**{**SMALL, "stamp": 64}).check_compatible(info)
+
+
+def test_fit_logs_epoch_means_and_checkpoint_reloads_in_a_subprocess(synthetic_small_h5, tmp_path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from cosmolit.data import GalaxyDataModule
+    from cosmolit.models.cnn import ShapeCNN
+
+    pl.seed_everything(0)
+    dm = GalaxyDataModule(synthetic_small_h5, batch_size=8, val_fraction=0.25, seed=0)
+    dm.setup("fit")
+    model = ShapeCNN(normalisation=dm.normalisation, provenance=dm.provenance, **SMALL)
+    ckpt_cb = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val_loss", mode="min", filename="best")
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=True,
+                         default_root_dir=str(tmp_path), callbacks=[ckpt_cb], enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    metrics = trainer.callback_metrics
+    assert {"train_loss", "train_loss_epoch", "val_loss"} <= set(metrics)
+    assert torch.isfinite(metrics["val_loss"])
+    # val_loss is the mean of the validation batch losses
+    model.eval()
+    with torch.no_grad():
+        losses = [model.compute_loss(x, y) for x, y in dm.val_dataloader()]
+    assert float(metrics["val_loss"]) == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
+    path = ckpt_cb.best_model_path
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    hp = raw["hyper_parameters"]
+    assert hp["bands"] == "gri" and hp["normalisation"] == dm.normalisation and hp["provenance"]["n"] == 48
+
+    model.load_state_dict(raw["state_dict"])
+    x, _ = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        expected = model.eval()(x)
+    torch.save(x, tmp_path / "x.pt")
+    code = textwrap.dedent(f"""
+        import json, torch
+        from cosmolit.models.cnn import ShapeCNN
+        model = ShapeCNN.load_from_checkpoint({path!r}, map_location="cpu").eval()
+        x = torch.load({str(tmp_path / "x.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            mean, scale_tril = model(x)
+        print(json.dumps({{"mean": mean.tolist(), "tril": scale_tril.tolist(), "norm": model.hparams.normalisation}}))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert torch.equal(torch.tensor(out["mean"]), expected[0])
+    assert torch.equal(torch.tensor(out["tril"]), expected[1])
+    assert out["norm"] == dm.normalisation
+
+
+def test_ipu_rules_hold_in_the_steps(synthetic_small_h5, monkeypatch):
+    """On an IPU the step returns just the loss, marked; it logs nothing itself; no host reads."""
+    import cosmolit.backends as backends
+    import cosmolit.models.base as base
+    from cosmolit.models.cnn import ShapeCNN
+
+    dm, x, y = _batch(synthetic_small_h5)
+    model = ShapeCNN(normalisation=dm.normalisation, **SMALL)
+    marked = []
+    monkeypatch.setattr(backends, "_loss_hook", marked.append)
+    monkeypatch.setattr(base, "on_ipu", lambda module: True)
+    monkeypatch.setattr(model, "log", lambda *a, **k: pytest.fail("self.log called inside a step on IPU"))
+    out = model.training_step((x, y), 0)
+    assert isinstance(out, torch.Tensor) and out.dim() == 0 and marked and marked[0] is out
+    model.on_train_batch_end({"loss": out}, (x, y), 0)
+    assert len(model._step_values["train"]["loss"]) == 1
