@@ -168,6 +168,11 @@ def test_elbo_terms_kl_scaling_and_closed_form(batch):
     kl_sites = sum(kl_divergence(g.nodes[n]["fn"], m.nodes[n]["fn"]) for n in a.site_names)
     assert torch.allclose(ta["kl"], kl_sites, rtol=1e-5)
     assert torch.allclose(ta["kl"], a.posterior.kl(1.0), rtol=1e-5)
+    generic = sum(  # torch's own Normal/Normal KL, independent of cosmolit's lean formula
+        kl_divergence(torch.distributions.Normal(loc, torch.nn.functional.softplus(rho)),
+                      torch.distributions.Normal(0.0, 1.0)).sum()
+        for loc, rho in zip(a.posterior.loc, a.posterior.rho))
+    assert torch.allclose(ta["kl"], generic, rtol=1e-5)
     # a wider prior changes the KL as the closed form says
     c = small_model(prior_scale=2.0)
     c.load_state_dict(a.state_dict())

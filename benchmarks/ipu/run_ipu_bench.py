@@ -10,7 +10,7 @@ poptorch from the Poplar SDK 3.3/3.4 (`source enable.sh`) and physical IPUs. Mea
 - generation with the VAE decoder, 1 to 5000 images per call (one compiled graph per size).
 
 Results are written in `cosmolit bench`'s JSON format (cosmolit.bench.results, schema cosmolit-bench/1),
-one file per kind, so `cosmolit bench compare` reads them beside CPU and GPU runs.
+one file per kind, so `cosmolit bench plot` reads them beside CPU and GPU runs.
 
     python benchmarks/ipu/run_ipu_bench.py --out runs/ipu-bench
     python benchmarks/ipu/run_ipu_bench.py --dry-run          # parse, validate and print the plan only
