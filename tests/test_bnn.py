@@ -77,7 +77,10 @@ def test_vectorised_prediction_equals_separate_passes(batch):
     x, _ = batch
     model = small_model().eval()
     samples = 6
-    out = model.predict_samples(x, samples=samples, seed=11, max_pairs=16)  # chunks of 2 draws
+    out = model.predict_samples(x, samples=samples, seed=11, vectorise=True, max_pairs=16)  # chunks of 2 draws
+    loop = model.predict_samples(x, samples=samples, seed=11, vectorise=False)  # one pass per draw
+    for key in out:
+        assert torch.allclose(out[key], loop[key], rtol=1e-4, atol=1e-7), key
     gen = torch.Generator().manual_seed(11)
     means, covs = [], []
     for _ in range(samples // 2):

@@ -205,14 +205,19 @@ class BayesianShapeCNN(CosmolitModule):
     # ---------------------------------------------------------------- prediction
     @torch.no_grad()
     def predict_samples(self, x: torch.Tensor, samples: Optional[int] = None, seed: Optional[int] = None,
-                        max_pairs: int = 1024, max_draws: int = 32) -> dict[str, torch.Tensor]:
+                        vectorise: Optional[bool] = None, max_pairs: int = 1024,
+                        max_draws: int = 32) -> dict[str, torch.Tensor]:
         """Moments over `samples` posterior weight draws for raw images x (B, C, H, W).
 
         Returns mean (B, T), aleatoric_cov (B, T, T) = mean of the draws' L L^T, epistemic_cov
         (B, T, T) = covariance of the draws' means (divisor S - 1), total_cov = their sum.
-        Draws are vectorised (torch.func.vmap, i.e. grouped convolutions) in chunks of at most
-        `max_pairs` (draw, image) pairs and `max_draws` weight sets (each draw of the default
-        network is 1.2 M weights, 4.8 MB); `seed` makes the draws reproducible.
+
+        vectorise=True runs the draws through torch.func.vmap (grouped convolutions), in chunks of
+        at most `max_pairs` (draw, image) pairs and `max_draws` weight sets (one draw of the default
+        network is 1.2 M weights, 4.8 MB); False runs one pass per draw. None (default): vmap on
+        GPUs, one pass per draw on CPUs, where grouped convolutions are slower than plain ones and
+        drawing the weights (1.2 M normals per draw) costs about as much as a pass at small batch.
+        `seed` makes the draws reproducible; the draws do not depend on `vectorise` or the chunking.
         BatchNorm uses its running statistics (eval mode) whatever the module's mode.
         """
         samples = int(self.hparams.samples if samples is None else samples)
@@ -220,11 +225,13 @@ class BayesianShapeCNN(CosmolitModule):
             from cosmolit.errors import UsageError
 
             raise UsageError(f"samples must be a positive integer, got {samples}")
+        if vectorise is None:
+            vectorise = x.device.type == "cuda"
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.posterior.loc[0].device).manual_seed(int(seed))
         xn = self.normalise(x)  # (B, C, H, W)
-        chunk = max(1, min(samples, max_draws, max_pairs // max(1, x.shape[0])))
+        chunk = max(1, min(samples, max_draws, max_pairs // max(1, x.shape[0]))) if vectorise else 1
         was_training = self.net.training
         self.net.eval()
         try:
@@ -233,7 +240,11 @@ class BayesianShapeCNN(CosmolitModule):
             while done < samples:
                 s = min(chunk, samples - done)
                 draws = self.posterior.as_dict(self.posterior.rsample(samples=s, generator=gen, detach=True))
-                mean, scale_tril = vmap(lambda w: functional_call(self.net, w, (xn,)))(draws)  # (s, B, T), (s, B, T, T)
+                if vectorise:
+                    mean, scale_tril = vmap(lambda w: functional_call(self.net, w, (xn,)))(draws)  # (s, B, T), (s, B, T, T)
+                else:
+                    mean, scale_tril = functional_call(self.net, {k: w[0] for k, w in draws.items()}, (xn,))
+                    mean, scale_tril = mean.unsqueeze(0), scale_tril.unsqueeze(0)  # (1, B, T), (1, B, T, T)
                 means.append(mean)
                 covs.append(covariance(scale_tril))  # (s, B, T, T)
                 done += s

@@ -93,22 +93,28 @@ class MeanFieldWeights(nn.Module):
                 detach: bool = False, scales: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
         """One reparameterised draw per site, or `samples` draws stacked on a leading dim (S, *shape).
 
-        `scales` (from `scales()`) avoids computing the softplus twice when the KL needs it too.
+        Noise is drawn draw by draw, site by site, so a seeded generator gives the same weight
+        sets however the draws are grouped. `scales` (from `scales()`) avoids computing the
+        softplus twice when the KL needs it too.
         """
         if scales is None:
             scales = self.scales()
+        locs = list(self.loc)
+        if detach:
+            locs, scales = [t.detach() for t in locs], [t.detach() for t in scales]
+        draws = 1 if samples is None else int(samples)
+        eps = [[self._noise(loc, generator) for loc in locs] for _ in range(draws)]  # [draw][site]
         out = []
-        for loc, scale in zip(self.loc, scales):
-            if detach:
-                loc, scale = loc.detach(), scale.detach()
-            shape = loc.shape if samples is None else (samples,) + tuple(loc.shape)
-            if generator is None:
-                eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)
-            else:
-                eps = torch.randn(shape, generator=generator, dtype=loc.dtype, device=generator.device)
-                eps = eps.to(loc.device)
-            out.append(loc + scale * eps)
+        for i, (loc, scale) in enumerate(zip(locs, scales)):
+            e = eps[0][i] if samples is None else torch.stack([eps[d][i] for d in range(draws)])
+            out.append(loc + scale * e)  # (*shape) or (S, *shape)
         return out
+
+    @staticmethod
+    def _noise(like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        if generator is None:
+            return torch.randn(like.shape, dtype=like.dtype, device=like.device)
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
 
     def kl(self, prior_scale: float = 1.0, scales: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
         """Closed-form KL(q || N(0, prior_scale)) summed over every weight entry (a 0-dim tensor)."""
