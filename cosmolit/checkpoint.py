@@ -6,12 +6,22 @@ A Lightning checkpoint is a pickle. cosmolit loads every checkpoint with
 hyper-parameters. cosmolit's checkpoints carry, besides Lightning's usual content:
 
     checkpoint["cosmolit"] = {"model": "cnn" | "bnn" | "vae", "class": "ShapeCNN", "version": "0.1.0",
-                              "torch": ..., "pytorch_lightning": ...}
+                              "torch": ..., "pytorch_lightning": ..., "seed": ..., "config": YAML text,
+                              "batches_in_epoch": ..., "torch_rng": uint8 tensor}
+
+Lightning's own resume path (`Trainer.fit(ckpt_path=...)`) goes through `safe_checkpoint_io()`,
+a CheckpointIO plugin that loads with the same `read_checkpoint` and writes every checkpoint
+atomically (temporary file in the same folder, fsync, os.replace), so a kill or a full disk
+never leaves a truncated file under the final name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import pickle
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -44,6 +54,56 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UsageError(f"checkpoint {str(path)!r} is not a cosmolit/Lightning checkpoint (no state_dict)")
     return ckpt
+
+
+def save_checkpoint_atomic(checkpoint: dict, path: str | Path) -> Path:
+    """torch.save to a temporary file beside `path`, fsync, then os.replace onto `path`."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)  # serialise first: a pickling error leaves no file at all
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+_SAFE_IO_CLASS = None
+
+
+def safe_checkpoint_io():
+    """A Lightning CheckpointIO plugin: weights_only loading (read_checkpoint) and atomic saving.
+
+    Pass it as `pl.Trainer(plugins=[safe_checkpoint_io()])`; Lightning then uses it for
+    `trainer.save_checkpoint`, ModelCheckpoint and `trainer.fit(ckpt_path=...)` (resume), on
+    PL 2.0.9 as on 2.6.
+    """
+    global _SAFE_IO_CLASS
+    if _SAFE_IO_CLASS is None:
+        from pytorch_lightning.plugins import TorchCheckpointIO
+
+        class SafeCheckpointIO(TorchCheckpointIO):
+            def save_checkpoint(self, checkpoint, path, storage_options=None):
+                if storage_options is not None:
+                    raise TypeError("SafeCheckpointIO does not take storage_options")
+                save_checkpoint_atomic(checkpoint, path)
+
+            def load_checkpoint(self, path, map_location=None, weights_only=None):
+                # weights_only is always True here, whatever the caller asks for.
+                return read_checkpoint(path)
+
+        _SAFE_IO_CLASS = SafeCheckpointIO
+    return _SAFE_IO_CLASS()
 
 
 def checkpoint_kind(ckpt: dict, path: str | Path = "checkpoint") -> str:

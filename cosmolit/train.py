@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from cosmolit.config import dump_yaml, from_dict, read_yaml
-from cosmolit.errors import UsageError
+from cosmolit.errors import CosmolitError, UsageError
 
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "64-true")
 
@@ -54,6 +54,7 @@ class TrainerConfig:
     early_stopping_patience: Optional[int] = None
     log_every_n_steps: int = 10
     deterministic: bool = False
+    checkpoint_every_n_steps: Optional[int] = None
 
     def __post_init__(self):
         if self.epochs <= 0:
@@ -64,6 +65,10 @@ class TrainerConfig:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
             raise ValueError("early_stopping_patience must be a positive integer or null")
+        if self.checkpoint_every_n_steps is not None and self.checkpoint_every_n_steps <= 0:
+            raise ValueError("checkpoint_every_n_steps must be a positive integer or null")
+        if self.log_every_n_steps <= 0:
+            raise ValueError(f"log_every_n_steps must be a positive integer, got {self.log_every_n_steps}")
 
 
 @dataclass
@@ -115,7 +120,7 @@ def _provenance_callback(kind: str, seed: int, config_yaml: str):
 
     class ProvenanceCallback(pl.Callback):
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-            checkpoint["cosmolit"] = {
+            checkpoint.setdefault("cosmolit", {}).update({
                 "model": kind,
                 "class": type(pl_module).__name__,
                 "version": __version__,
@@ -123,40 +128,131 @@ def _provenance_callback(kind: str, seed: int, config_yaml: str):
                 "pytorch_lightning": str(pl.__version__),
                 "seed": seed,
                 "config": config_yaml,
-            }
+            })
 
     return ProvenanceCallback()
 
 
-def _sigterm_checkpoint_callback(path: Path):
-    """On SIGTERM (scheduler pre-emption), save last.ckpt after the current step and stop."""
-    import pytorch_lightning as pl
+class Preempted(CosmolitError):
+    """`cosmolit fit` stopped by SIGTERM or Ctrl-C after saving last.ckpt (exit 143 / 130)."""
 
-    class SigtermCheckpoint(pl.Callback):
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+class EpochShuffleSampler:
+    """Training order that depends only on (seed, epoch), and can skip the batches already done.
+
+    Lightning calls `set_epoch(epoch)` before every training epoch (also after a resume), so an
+    interrupted and resumed run sees the same batches, in the same order, as an uninterrupted
+    one. `skip` (stamps) drops the start of the next epoch's order once: the batches a
+    mid-epoch checkpoint had already trained on.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = int(n), int(seed), 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import numpy as np
+
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:].tolist())
+
+
+def _resumable_train_loader(dm, seed: int) -> EpochShuffleSampler:
+    """Replace the data module's training loader by one over an EpochShuffleSampler; return the sampler."""
+    from torch.utils.data import DataLoader
+
+    base = dm.train_dataloader()
+    sampler = EpochShuffleSampler(len(base.dataset), seed)
+    loader = DataLoader(base.dataset, batch_size=base.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=base.num_workers, persistent_workers=base.num_workers > 0,
+                        pin_memory=base.pin_memory)
+    dm.train_dataloader = lambda: loader
+    return sampler
+
+
+def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore: Optional[dict] = None):
+    """Everything a run needs to survive interruption, as one Callback.
+
+    - counts the batches done in the current epoch and stores them (with the torch RNG state)
+      in every checkpoint, so that a resume skips exactly those batches and draws the same
+      random numbers (VAE reparameterisation, BNN weight samples);
+    - on SIGTERM (scheduler pre-emption) or SIGINT (Ctrl-C): finish the current step, save
+      last.ckpt atomically and stop with Preempted (exit 143 / 130);
+    - with `every_n_steps`, also saves last.ckpt every that many optimizer steps (SIGKILL loses
+      at most that many steps).
+    """
+    import pytorch_lightning as pl
+    import torch
+
+    class RunState(pl.Callback):
         def __init__(self):
-            self.requested = False
-            self._previous = None
+            self.signum: Optional[int] = None
+            self.batches = 0
+            self._previous: dict = {}
+            self._restore = restore
 
         def on_fit_start(self, trainer, pl_module):
             def handler(signum, frame):
-                self.requested = True
+                if self.signum is not None and signum == signal.SIGINT:
+                    raise KeyboardInterrupt  # a second Ctrl-C stops at once
+                self.signum = signum
 
-            try:
-                self._previous = signal.signal(signal.SIGTERM, handler)
-            except ValueError:  # not in the main thread
-                self._previous = None
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self._previous[sig] = signal.signal(sig, handler)
+                except ValueError:  # not in the main thread: leave signals alone
+                    pass
+
+        def _reset_signals(self):
+            for sig, prev in self._previous.items():
+                signal.signal(sig, prev)
+            self._previous = {}
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if self._restore is None:
+                self.batches = 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self._restore is not None:
+                self.batches = int(self._restore.get("batches_in_epoch", 0))
+                rng = self._restore.get("torch_rng")
+                if isinstance(rng, torch.Tensor):
+                    torch.set_rng_state(rng)
+                self._restore = None
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if self.requested:
+            self.batches += 1
+            if self.signum is not None:
                 trainer.save_checkpoint(str(path))
-                trainer.should_stop = True
-                raise KeyboardInterrupt("SIGTERM: checkpoint saved")
+                name = "SIGTERM" if self.signum == signal.SIGTERM else "SIGINT (Ctrl-C)"
+                raise Preempted(
+                    f"stopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; saved "
+                    f"{str(path)!r}; continue with the same command and --resume", self.signum)
+            if every_n_steps and trainer.global_step % every_n_steps == 0:
+                trainer.save_checkpoint(str(path))
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            meta = checkpoint.setdefault("cosmolit", {})
+            meta["batches_in_epoch"] = self.batches
+            meta["torch_rng"] = torch.get_rng_state()
 
         def on_fit_end(self, trainer, pl_module):
-            if self._previous is not None:
-                signal.signal(signal.SIGTERM, self._previous)
+            self._reset_signals()
 
-    return SigtermCheckpoint()
+        def on_exception(self, trainer, pl_module, exception):
+            self._reset_signals()
+
+    return RunState()
 
 
 @dataclass
@@ -189,9 +285,20 @@ def fit(
     final = out / "model.ckpt"
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {str(out)!r} is a file; give a folder for --out")
+    resume_state = None
     if resume:
         if not last.exists():
             raise UsageError(f"--resume: no checkpoint {str(last)!r} to resume from")
+        from cosmolit.checkpoint import checkpoint_kind, read_checkpoint
+
+        # Validate (weights_only) before Lightning touches the file; Lightning then loads it
+        # again through safe_checkpoint_io(), weights_only as well.
+        previous = read_checkpoint(last)
+        if checkpoint_kind(previous, last) != kind:
+            raise UsageError(f"--resume: {str(last)!r} holds a {checkpoint_kind(previous, last)} model, "
+                             f"not a {kind} model")
+        resume_state = dict(previous.get("cosmolit") or {})
+        del previous
     elif out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"output folder {str(out)!r} is not empty; pass --resume to continue or --force to overwrite")
     parent = out.parent if str(out.parent) else Path(".")
@@ -248,7 +355,14 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
                                     save_last=True, save_top_k=1)
-    callbacks = [checkpoint_cb, _provenance_callback(kind, cfg.trainer.seed, config_yaml), _sigterm_checkpoint_callback(last)]
+    sampler = _resumable_train_loader(dm, cfg.data.seed)
+    if resume_state is not None:
+        done = int(resume_state.get("batches_in_epoch", 0) or 0)
+        per_epoch = dm.train_size // cfg.data.batch_size
+        sampler.skip = done * cfg.data.batch_size if 0 < done < per_epoch else 0
+        resume_state["batches_in_epoch"] = done if 0 < done < per_epoch else 0
+    run_state = _run_state_callback(last, cfg.trainer.checkpoint_every_n_steps, restore=resume_state)
+    callbacks = [checkpoint_cb, _provenance_callback(kind, cfg.trainer.seed, config_yaml), run_state]
     if cfg.trainer.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.trainer.early_stopping_patience))
     loggers = [CSVLogger(str(out), name="logs", version="")]
@@ -259,6 +373,10 @@ def fit(
         loggers.append(TensorBoardLogger(str(out), name="tensorboard", version=""))
     except ImportError:
         pass
+    from cosmolit.checkpoint import safe_checkpoint_io
+
+    if "plugins" not in trainer_opts:
+        trainer_opts = dict(trainer_opts, plugins=[safe_checkpoint_io()])
     trainer = pl.Trainer(
         max_epochs=cfg.trainer.epochs,
         callbacks=callbacks,
