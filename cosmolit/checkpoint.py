@@ -21,6 +21,7 @@ import contextlib
 import io
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -42,6 +43,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        found = re.search(r"Unsupported (?:global|class|operand)[^.\n]*", str(exc))
+        if found:
+            first = found.group(0).strip()
         if "weights_only" in str(exc) or "Unsupported" in str(exc) or "global" in str(exc).lower():
             raise UsageError(
                 f"checkpoint {str(path)!r} was refused: it holds Python objects other than tensors and plain "

@@ -291,7 +291,10 @@ class GalaxyDataModule(pl.LightningDataModule):
         if train:
             gen = torch.Generator().manual_seed(self.seed)
             return DataLoader(ds, shuffle=True, drop_last=True, generator=gen, **kwargs)
-        return DataLoader(ds, shuffle=False, drop_last=False, **kwargs)
+        # An IPU runs a static graph: every batch, validation included, must have the same shape.
+        from cosmolit.backends import on_ipu
+
+        return DataLoader(ds, shuffle=False, drop_last=on_ipu(self), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

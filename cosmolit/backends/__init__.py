@@ -26,8 +26,8 @@ _loss_hook: Optional[Callable] = None
 
 
 def on_ipu(module) -> bool:
-    """True when `module` (a LightningModule) is being run by Lightning's IPUStrategy."""
-    trainer = getattr(module, "_trainer", None)
+    """True when `module` (a LightningModule or LightningDataModule) is being run by Lightning's IPUStrategy."""
+    trainer = getattr(module, "_trainer", None) or getattr(module, "trainer", None)
     return trainer is not None and type(trainer.strategy).__name__ == "IPUStrategy"
 
 

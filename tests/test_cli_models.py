@@ -1,0 +1,129 @@
+"""End to end through the CLI on tiny data: fit / evaluate / predict / generate / info, and the
+five-line "load and predict" example in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cosmolit.cli import app
+from cosmolit.dataset import inspect_dataset
+
+TINY = {
+    "cnn": "model: {filters: [4, 8]}\n",
+    "bnn": "model: {filters: [4, 8], samples: 4}\n",
+    "vae": "model: {filters: [4, 8], latent_dim: 4, flow_layers: 2, flow_hidden: [16], flow_epochs: 2}\n",
+}
+
+
+def run(*args):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    return res.output
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, synthetic_small_h5):
+    """kind -> run folder, each trained 1 epoch on the 48-stamp gri 32x32 set."""
+    root = tmp_path_factory.mktemp("fits")
+    runs = {}
+    for kind, text in TINY.items():
+        cfg = root / f"{kind}.yaml"
+        cfg.write_text(text)
+        out = root / kind
+        output = run("fit", "--model", kind, "--data", synthetic_small_h5, "--out", out, "--config", cfg,
+                     "--epochs", "1", "--batch-size", "8", "--accelerator", "cpu", "-q")
+        assert "model checkpoint" in output
+        runs[kind] = out
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["cnn", "bnn", "vae"])
+def test_fit_writes_checkpoints_and_logs(fitted, kind):
+    out = fitted[kind]
+    for name in ("model.ckpt", "checkpoints/best.ckpt", "checkpoints/last.ckpt", "logs/metrics.csv"):
+        assert (out / name).is_file(), name
+    assert "val_loss" in (out / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert not list(out.rglob("*.partial*"))  # no temporary file left behind
+
+
+def test_evaluate_cnn_metrics_keys(fitted, synthetic_small_h5, tmp_path):
+    run("evaluate", "--ckpt", fitted["cnn"] / "model.ckpt", "--data", synthetic_small_h5, "--out", tmp_path / "ev",
+        "--no-hsm", "-q", "--accelerator", "cpu")
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n"] == 48 and m["seed"] == 5
+    for t in ("e1", "e2"):
+        assert {"rmse", "m", "m_err", "c", "c_err"} <= set(m[t]), t
+        assert np.isfinite(m[t]["rmse"])
+    assert np.isfinite(m["redshift"]["rmse"])
+    assert (tmp_path / "ev" / "report.md").is_file()
+
+
+def test_evaluate_with_hsm(fitted, tmp_path):
+    from cosmolit.synthetic import write_synthetic_dataset
+
+    pytest.importorskip("galsim")
+    few = write_synthetic_dataset(tmp_path / "few.h5", n=6, bands="gri", size=32, seed=11)
+    run("evaluate", "--ckpt", fitted["cnn"] / "model.ckpt", "--data", few, "--out", tmp_path / "ev", "-q",
+        "--accelerator", "cpu")
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert "hsm_regauss" in m and "failure_rate" in m["hsm_regauss"]
+    assert 0.0 <= m["hsm_regauss"]["failure_rate"] <= 1.0
+
+
+@pytest.mark.parametrize("kind, extra", [("cnn", []), ("bnn", ["--samples", "4"])])
+def test_predict_writes_dataset_format(fitted, synthetic_small_h5, tmp_path, kind, extra):
+    out = tmp_path / "pred.h5"
+    run("predict", "--ckpt", fitted[kind] / "model.ckpt", "--data", synthetic_small_h5, "--out", out, "-q",
+        "--accelerator", "cpu", *extra)
+    info = inspect_dataset(out)  # readable as a dataset by every other command
+    assert info.n == 48 and info.bands == "gri"
+    with h5py.File(out, "r") as f:
+        assert f["predictions/mean"].shape == (48, 3)
+        cov = f["predictions/cov"][()]
+        assert cov.shape == (48, 3, 3)
+        assert np.all(np.linalg.eigvalsh(cov.astype(np.float64)) > -1e-6)
+        if kind == "bnn":
+            assert f["predictions/epistemic_cov"].shape == (48, 3, 3)
+
+
+def test_generate_and_same_seed_same_bytes(fitted, tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    run("generate", "--ckpt", fitted["vae"] / "model.ckpt", "--n", "8", "--out", a, "--png", tmp_path / "g.png",
+        "-q", "--accelerator", "cpu", "--seed", "3")
+    run("generate", "--ckpt", fitted["vae"] / "model.ckpt", "--n", "8", "--out", b, "-q", "--accelerator", "cpu",
+        "--seed", "3")
+    info = inspect_dataset(a)
+    assert (info.n, info.bands, info.height) == (8, "gri", 32)
+    assert (tmp_path / "g.png").stat().st_size > 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_info_on_checkpoint_and_dataset(fitted, synthetic_small_h5):
+    text = run("info", fitted["cnn"] / "model.ckpt")
+    for word in ("model           cnn", "seed", "torch", "pytorch-lightning", "config:", "filters"):
+        assert word in text, word
+    text = run("info", synthetic_small_h5)
+    assert "gri" in text and "seed            5" in text and "cosmolit" in text
+
+
+def test_load_and_predict_example_in_fresh_process(fitted, synthetic_small_h5):
+    code = f"""
+from cosmolit.models import ShapeCNN
+from cosmolit.infer import load_images
+import torch
+model = ShapeCNN.load_from_checkpoint({str(fitted['cnn'] / 'model.ckpt')!r}, map_location="cpu").eval()
+mean, scale_tril = model(torch.from_numpy(load_images({str(synthetic_small_h5)!r}, limit=4)))
+print(list(model.hparams.targets), tuple(mean.shape))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "['e1', 'e2', 'redshift'] (4, 3)" in res.stdout
