@@ -27,7 +27,9 @@ _loss_hook: Optional[Callable] = None
 
 def on_ipu(module) -> bool:
     """True when `module` (a LightningModule or LightningDataModule) is being run by Lightning's IPUStrategy."""
-    trainer = getattr(module, "_trainer", None) or getattr(module, "trainer", None)
+    # LightningModule keeps it in `_trainer` (its `trainer` property raises when detached);
+    # LightningDataModule in a plain `trainer` attribute.
+    trainer = module._trainer if hasattr(module, "_trainer") else getattr(module, "trainer", None)
     return trainer is not None and type(trainer.strategy).__name__ == "IPUStrategy"
 
 
