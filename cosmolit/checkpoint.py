@@ -43,7 +43,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        found = re.search(r"Unsupported (?:global|class|operand)[^.\n]*", str(exc))
+        found = re.search(r"(?:[Uu]nsupported (?:global|class|operand)|GLOBAL)[^\n]*?(?= was | whose |\. |\n|$)", str(exc))
         if found:
             first = found.group(0).strip()
         if "weights_only" in str(exc) or "Unsupported" in str(exc) or "global" in str(exc).lower():
@@ -52,7 +52,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"types, which could run code when loaded ({first[:160]})"
             ) from None
         raise UsageError(f"checkpoint {str(path)!r} is not a readable checkpoint ({first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # truncated zip, a text file, a legacy pickle that is not a checkpoint...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"checkpoint {str(path)!r} is truncated or not a PyTorch checkpoint ({msg[:160]})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:

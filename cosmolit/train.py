@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,6 +456,10 @@ def fit(
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
         raise UsageError(f"folder {str(parent)!r} for the output does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"{str(parent)!r} is a file, not a folder; --out must be under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"folder {str(parent)!r} for the output is not writable")
 
     from cosmolit.backends import trainer_kwargs
     from cosmolit.data import GalaxyDataModule

@@ -95,30 +95,38 @@ def evaluate_cmd(
     targets = list(net.hparams.get("targets", []) or [])
     info = inspect_dataset(data, require_truth=targets)
     check_dataset_matches(net, info, ckpt)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    progress = not quiet
-    if kind == "vae":
-        from cosmolit.measure.report import evaluate_generation
+    try:
+        progress = not quiet
+        if kind == "vae":
+            from cosmolit.measure.report import evaluate_generation
 
-        real = load_images(data, limit=max(n_generate, 16))
-        generated = generate_images(net, n_generate, seed, device=device, progress=progress)
-        recon = _reconstructions(net, data, info, device, n=8)
-        metrics = evaluate_generation(out, real, generated, info.bands, info.pixel_scale,
-                                      reconstructions=recon, progress=progress)
-    else:
-        from cosmolit.measure.report import evaluate_shapes
+            real = load_images(data, limit=max(n_generate, 16))
+            generated = generate_images(net, n_generate, seed, device=device, progress=progress)
+            recon = _reconstructions(net, data, info, device, n=8)
+            metrics = evaluate_generation(out, real, generated, info.bands, info.pixel_scale,
+                                          reconstructions=recon, progress=progress)
+        else:
+            from cosmolit.measure.report import evaluate_shapes
 
-        preds = predict_shapes(net, kind, data, batch_size=batch_size, samples=samples, device=device,
-                               progress=progress)
-        truth = read_truth(data)
-        import numpy as np
+            preds = predict_shapes(net, kind, data, batch_size=batch_size, samples=samples, device=device,
+                                   progress=progress)
+            truth = read_truth(data)
+            import numpy as np
 
-        y = np.stack([truth[t] for t in targets], axis=1).astype(np.float64)
-        metrics = evaluate_shapes(
-            out, y, preds["mean"], preds["cov"], targets, truth,
-            load_images(data) if not no_hsm else None, info, kind,
-            epistemic_cov=preds.get("epistemic_cov"), hsm=not no_hsm, progress=progress,
-        )
+            y = np.stack([truth[t] for t in targets], axis=1).astype(np.float64)
+            metrics = evaluate_shapes(
+                out, y, preds["mean"], preds["cov"], targets, truth,
+                load_images(data) if not no_hsm else None, info, kind,
+                epistemic_cov=preds.get("epistemic_cov"), hsm=not no_hsm, progress=progress,
+            )
+    except BaseException:
+        if created:  # nothing half-written: drop the folder this run made
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     typer.echo(f"evaluated {kind} checkpoint {ckpt} on {data} ({info.n} stamps)")
     for key in ("e1", "e2"):
         if isinstance(metrics.get(key), dict):
