@@ -1,6 +1,6 @@
 """The benchmark results file: one JSON document, validated on write and on read.
 
-Schema "cosmolit-bench/1" (documented in docs/bench.md)::
+Schema "cosmolit-bench/1" (documented in README.md, "Benchmarks")::
 
     {
       "schema": "cosmolit-bench/1",

@@ -46,7 +46,7 @@ class NoiseConfig:
 
 @dataclass
 class PopulationConfig:
-    """The embedded galaxy population (sources in docs/simulate.md and cosmolit/sim/population.py)."""
+    """The embedded galaxy population (sources in README.md and cosmolit/sim/population.py)."""
 
     mag_i_min: float = 18.0  # brightest i-band AB magnitude drawn
     mag_i_max: float = 25.3  # LSST gold sample limit

@@ -4,7 +4,7 @@ Each galaxy is a bulge (DeVaucouleurs, SED CWW_E_ext) plus a disk (Exponential, 
 type), at a redshift, seen through GalSim's LSST bandpasses. Per band, a component is its
 achromatic profile scaled by its band flux, so colours carry the redshift.
 
-Distributions of the embedded population (see docs/simulate.md for the full list):
+Distributions of the embedded population (see README.md, "Simulating LSST-like galaxies", for the full list):
 - i-band magnitude: number counts log10 N(<i) = const + 0.31 i (LSST Science Book, 2009,
   arXiv:0912.0201, eq. 3.7), from mag_i_min to mag_i_max (25.3, the LSST gold sample).
 - redshift given i: p(z) ~ z^2 exp(-z / z0) / (2 z0^3), z0 = 0.0417 i - 0.744 (LSST Science
