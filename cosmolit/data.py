@@ -202,7 +202,8 @@ class GalaxyDataModule(pl.LightningDataModule):
 
         return {"path": str(Path(self.path).resolve()), "seed": self.seed, "n": int(self.n),
                 "format_version": int(self._info.format_version), "cosmolit_version": str(__version__),
-                "dataset_seed": int(self._info.seed)}
+                "dataset_seed": int(self._info.seed), "pixel_scale": float(self._info.pixel_scale),
+                "psf_fwhm": [float(x) for x in self._info.psf_fwhm]}
 
     # ------------------------------------------------------------------ setup
     def _use_memory(self) -> bool:

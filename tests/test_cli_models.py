@@ -95,7 +95,7 @@ def test_predict_writes_dataset_format(fitted, synthetic_small_h5, tmp_path, kin
             assert f["predictions/epistemic_cov"].shape == (48, 3, 3)
 
 
-def test_generate_and_same_seed_same_bytes(fitted, tmp_path):
+def test_generate_and_same_seed_same_bytes(fitted, tmp_path, synthetic_small_h5):
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
     run("generate", "--ckpt", fitted["vae"] / "model.ckpt", "--n", "8", "--out", a, "--png", tmp_path / "g.png",
         "-q", "--accelerator", "cpu", "--seed", "3")
@@ -103,6 +103,8 @@ def test_generate_and_same_seed_same_bytes(fitted, tmp_path):
         "--seed", "3")
     info = inspect_dataset(a)
     assert (info.n, info.bands, info.height) == (8, "gri", 32)
+    source = inspect_dataset(synthetic_small_h5)  # the VAE's training file: survey facts carry over
+    assert info.pixel_scale == source.pixel_scale and info.psf_fwhm == source.psf_fwhm
     assert (tmp_path / "g.png").stat().st_size > 0
     assert a.read_bytes() == b.read_bytes()
 
