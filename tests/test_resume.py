@@ -106,3 +106,28 @@ def test_same_seed_same_weights(tmp_path, config, synthetic_small_h5):
     assert res.exit_code == 0, res.output
     a, c = _weights(tmp_path / "a" / "model.ckpt"), _weights(tmp_path / "c" / "model.ckpt")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_simulate_killed_leaves_nothing_and_rerun_gives_the_same_bytes(tmp_path):
+    """SIGKILL a running `cosmolit simulate`: nothing under the final name; a rerun equals a clean run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    killed, clean = tmp_path / "killed.h5", tmp_path / "clean.h5"
+    args = ["--n", "3000", "--seed", "11", "--stamp-size", "32", "--bands", "gri", "--workers", "1", "-q"]
+    cmd = [sys.executable, "-m", "cosmolit", "simulate", *args]
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.endswith(".partial.h5") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    time.sleep(0.3)  # let it write some blocks
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not killed.exists()  # a temporary file may stay behind; never a file under the final name
+    subprocess.run([*cmd, "--out", str(killed)], check=True)
+    subprocess.run([*cmd, "--out", str(clean)], check=True)
+    assert killed.read_bytes() == clean.read_bytes()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# All CPU benchmarks in one run, on a quiet machine (about 6 minutes on 2 cores).
+# Results go to benchmarks/results/ (or $OUT); the figures are copied into benchmarks/RESULTS.md by hand.
+#   bash benchmarks/run_cpu_all.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+C="python -m cosmolit"
+$C bench train --model cnn --accelerator cpu --batch-sizes 2,8,32,128 --steps 10 --out "$OUT/cnn_cpu.json" --force
+$C bench train --model bnn --accelerator cpu --batch-sizes 2,8,32 --steps 8 --out "$OUT/bnn_cpu.json" --force
+$C bench generate --accelerator cpu --n 1,10,100,500,1000 --out "$OUT/gen_cpu.json" --force
+$C bench overhead --accelerator cpu --out "$OUT/overhead_cpu.json" --force
+$C bench plot "$OUT/cnn_cpu.json" --reference paper --baseline "TF 2-core" --out "$OUT/cnn_cpu.png" --force
+$C bench plot "$OUT/gen_cpu.json" --reference paper --out "$OUT/gen_cpu.png" --force
+python benchmarks/bench_simulate.py --n 64 --repeats 3 --out "$OUT/simulate.json"
