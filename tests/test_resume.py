@@ -117,7 +117,7 @@ def test_simulate_killed_leaves_nothing_and_rerun_gives_the_same_bytes(tmp_path)
     import time
 
     killed, clean = tmp_path / "killed.h5", tmp_path / "clean.h5"
-    args = ["--n", "3000", "--seed", "11", "--stamp-size", "32", "--bands", "gri", "--workers", "1", "-q"]
+    args = ["--n", "2000", "--seed", "11", "--stamp-size", "32", "--bands", "gri", "--workers", "1", "-q"]
     cmd = [sys.executable, "-m", "cosmolit", "simulate", *args]
     proc = subprocess.Popen([*cmd, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
