@@ -8,6 +8,7 @@ OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 C="python -m cosmolit"
 $C bench train --model cnn --accelerator cpu --batch-sizes 2,8,32,128 --steps 10 --out "$OUT/cnn_cpu.json" --force
+$C bench train --model cnn --accelerator cpu --batch-sizes 2,32 --steps 10 --channels-last --out "$OUT/cnn_cpu_cl.json" --force
 $C bench train --model bnn --accelerator cpu --batch-sizes 2,8,32 --steps 8 --out "$OUT/bnn_cpu.json" --force
 $C bench generate --accelerator cpu --n 1,10,100,500,1000 --out "$OUT/gen_cpu.json" --force
 $C bench overhead --accelerator cpu --out "$OUT/overhead_cpu.json" --force

@@ -80,7 +80,7 @@ def evaluate_cmd(
 ) -> None:
     """Measure a model against truth (and GalSim HSM); write metrics.json, report.md and plots."""
     from cosmolit.checkpoint import load_model
-    from cosmolit.dataset import inspect_dataset, read_truth
+    from cosmolit.dataset import inspect_dataset, iter_images, read_truth
     from cosmolit.infer import check_dataset_matches, generate_images, inference_device, load_images, predict_shapes
 
     _positive(batch_size, "--batch-size")
@@ -118,7 +118,7 @@ def evaluate_cmd(
             y = np.stack([truth[t] for t in targets], axis=1).astype(np.float64)
             metrics = evaluate_shapes(
                 out, y, preds["mean"], preds["cov"], targets, truth,
-                load_images(data) if not no_hsm else None, info, kind,
+                (lambda: iter_images(data, 256)) if not no_hsm else None, info, kind,
                 epistemic_cov=preds.get("epistemic_cov"), hsm=not no_hsm, progress=progress,
             )
     except BaseException:
