@@ -26,6 +26,22 @@ import torch
 
 from cosmolit.backends import on_ipu
 from cosmolit.errors import UsageError
+from cosmolit.nn.trunk import PRELU_KINDS
+
+
+def check_network_hparams(filters, prelu, lr, targets=None) -> None:
+    """Checks shared by every model config (ValueError; the config loader turns it into one line)."""
+    if targets is not None:
+        if len(targets) == 0:
+            raise ValueError("targets must name at least one truth column, e.g. [e1, e2, redshift]")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"targets must be distinct, got {list(targets)}")
+    if len(filters) == 0 or any(int(f) <= 0 for f in filters):
+        raise ValueError(f"filters must be a non-empty list of positive integers, got {list(filters)}")
+    if prelu not in PRELU_KINDS:
+        raise ValueError(f"prelu {prelu!r} is not allowed; choose one of {', '.join(PRELU_KINDS)}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
 
 
 def check_normalisation(normalisation: Optional[Sequence], bands: str) -> list[float]:

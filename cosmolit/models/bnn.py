@@ -37,7 +37,7 @@ from torch.distributions import kl_divergence, register_kl
 from torch.func import functional_call, vmap
 
 from cosmolit.backends import mark_loss
-from cosmolit.models.base import CosmolitModule
+from cosmolit.models.base import CosmolitModule, check_network_hparams
 from cosmolit.nn.bayes import MeanFieldWeights, build_shape_net, normal_kl_zero_mean, strip_weights
 from cosmolit.nn.gaussian import covariance, gaussian_nll
 
@@ -58,7 +58,6 @@ class ZeroMeanNormal(dist.Normal):
 @register_kl(dist.Normal, ZeroMeanNormal)
 def _kl_normal_zero_mean_normal(p, q):
     return normal_kl_zero_mean(p.loc, p.scale, q.scale)
-PRELU_KINDS = ("element", "channel")
 
 
 @dataclass
@@ -78,18 +77,9 @@ class BayesianShapeCNNConfig:
 
 
 def _check_hparams(targets, filters, prelu, prior_scale, lr, samples, train_size=1) -> None:
-    if len(targets) == 0:
-        raise ValueError("targets must name at least one truth column, e.g. [e1, e2, redshift]")
-    if len(set(targets)) != len(targets):
-        raise ValueError(f"targets must be distinct, got {list(targets)}")
-    if len(filters) == 0 or any(int(f) <= 0 for f in filters):
-        raise ValueError(f"filters must be a non-empty list of positive integers, got {list(filters)}")
-    if prelu not in PRELU_KINDS:
-        raise ValueError(f"prelu {prelu!r} is not allowed; choose one of {', '.join(PRELU_KINDS)}")
+    check_network_hparams(filters, prelu, lr, targets)
     if not prior_scale > 0:
         raise ValueError(f"prior_scale must be > 0, got {prior_scale}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
     if int(samples) <= 0:
         raise ValueError(f"samples must be a positive integer, got {samples}")
     if int(train_size) <= 0:

@@ -18,27 +18,18 @@ import torch
 
 from cosmolit.backends import mark_loss
 from cosmolit.errors import UsageError
-from cosmolit.models.base import CosmolitModule
+from cosmolit.models.base import CosmolitModule, check_network_hparams
 from cosmolit.nn.gaussian import GaussianHead, covariance, gaussian_nll
-from cosmolit.nn.trunk import PRELU_KINDS, Trunk
+from cosmolit.nn.trunk import Trunk
 
 DEFAULT_TARGETS = ("e1", "e2", "redshift")
 LOSSES = ("nll", "mse")
 
 
 def _check_hparams(targets, filters, prelu, loss, lr) -> None:
-    if len(targets) == 0:
-        raise ValueError("targets must name at least one truth column, e.g. [e1, e2, redshift]")
-    if len(set(targets)) != len(targets):
-        raise ValueError(f"targets must be distinct, got {list(targets)}")
-    if len(filters) == 0 or any(int(f) <= 0 for f in filters):
-        raise ValueError(f"filters must be a non-empty list of positive integers, got {list(filters)}")
-    if prelu not in PRELU_KINDS:
-        raise ValueError(f"prelu {prelu!r} is not allowed; choose one of {', '.join(PRELU_KINDS)}")
+    check_network_hparams(filters, prelu, lr, targets)
     if loss not in LOSSES:
         raise ValueError(f"loss {loss!r} is not allowed; choose one of {', '.join(LOSSES)}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
 
 
 @dataclass

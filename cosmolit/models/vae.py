@@ -34,10 +34,10 @@ from torch import nn
 
 from cosmolit.backends import mark_loss
 from cosmolit.errors import UsageError
-from cosmolit.models.base import CosmolitModule
+from cosmolit.models.base import CosmolitModule, check_network_hparams
 from cosmolit.models.flow import LatentFlow
 from cosmolit.nn.decoder import Decoder
-from cosmolit.nn.trunk import PRELU_KINDS, Trunk, make_prelu
+from cosmolit.nn.trunk import Trunk, make_prelu
 
 STD_EPS = 1e-4  # added to the softplus std of q(z|x)
 LOG_SIGMA_MIN = -7.0  # floor of the learned log sigma (asinh units)
@@ -72,16 +72,13 @@ def _check_hparams(latent_dim, filters, prelu, kl_weight, recon_sigma, lr, flow_
                    flow_epochs, flow_batch_size, flow_lr, flow_latents) -> None:
     if latent_dim < 2:
         raise ValueError(f"latent_dim must be an integer >= 2, got {latent_dim}")
-    if not filters or min(filters) < 1:
-        raise ValueError(f"filters must be a non-empty list of positive integers, got {list(filters)}")
-    if prelu not in PRELU_KINDS:
-        raise ValueError(f"prelu {prelu!r} is not allowed; choose one of {', '.join(PRELU_KINDS)}")
+    check_network_hparams(filters, prelu, lr)
     if kl_weight < 0:
         raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
     if recon_sigma is not None and not recon_sigma > 0:
         raise ValueError(f"recon_sigma must be a positive number or null (learned), got {recon_sigma}")
-    if not lr > 0 or not flow_lr > 0:
-        raise ValueError(f"lr and flow_lr must be positive, got {lr} and {flow_lr}")
+    if not flow_lr > 0:
+        raise ValueError(f"flow_lr must be > 0, got {flow_lr}")
     if flow_layers < 1 or not flow_hidden or min(flow_hidden) < 1:
         raise ValueError(f"flow_layers must be >= 1 and flow_hidden positive integers, got {flow_layers}, "
                          f"{list(flow_hidden)}")
