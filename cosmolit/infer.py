@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 
-from cosmolit.dataset import DatasetInfo, DatasetWriter, inspect_dataset, iter_images, read_truth
+from cosmolit.dataset import DatasetWriter, inspect_dataset, iter_images, read_truth
 from cosmolit.errors import UsageError
 
 
@@ -21,21 +21,6 @@ def inference_device(accelerator: str) -> str:
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise UsageError("--accelerator gpu: no CUDA device is visible to torch")
     return "cuda" if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def check_dataset_matches(model, info: DatasetInfo, ckpt_path) -> None:
-    hp = model.hparams
-    if str(hp.get("bands")) != info.bands:
-        raise UsageError(
-            f"dataset {info.path!r} has bands {info.bands!r} but checkpoint {str(ckpt_path)!r} was trained on "
-            f"{hp.get('bands')!r}"
-        )
-    stamp = int(hp.get("stamp"))
-    if (info.height, info.width) != (stamp, stamp):
-        raise UsageError(
-            f"dataset {info.path!r} has {info.height}x{info.width} stamps but checkpoint {str(ckpt_path)!r} "
-            f"expects {stamp}x{stamp}"
-        )
 
 
 def predict_shapes(model, kind: str, path, batch_size: int = 64, samples: int | None = None,

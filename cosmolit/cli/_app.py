@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 
 import typer
 
@@ -62,10 +61,6 @@ def parse_int_list(text: str, what: str) -> list[int]:
     if not values or any(v <= 0 for v in values):
         raise UsageError(f"{what} must be positive integers, got {text!r}")
     return values
-
-
-def echo_err(msg: str) -> None:
-    print(msg, file=sys.stderr)
 
 
 def _version_callback(value: bool) -> None:

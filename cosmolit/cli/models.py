@@ -81,7 +81,7 @@ def evaluate_cmd(
     """Measure a model against truth (and GalSim HSM); write metrics.json, report.md and plots."""
     from cosmolit.checkpoint import load_model
     from cosmolit.dataset import inspect_dataset, iter_images, read_truth
-    from cosmolit.infer import check_dataset_matches, generate_images, inference_device, load_images, predict_shapes
+    from cosmolit.infer import generate_images, inference_device, load_images, predict_shapes
 
     _positive(batch_size, "--batch-size")
     _positive(samples, "--samples")
@@ -94,7 +94,7 @@ def evaluate_cmd(
     net, kind, _ = load_model(ckpt, expected=model)
     targets = list(net.hparams.get("targets", []) or [])
     info = inspect_dataset(data, require_truth=targets)
-    check_dataset_matches(net, info, ckpt)
+    net.check_compatible(info)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -168,7 +168,7 @@ def predict_cmd(
     """Predict shapes (and uncertainties) for every stamp; writes the dataset format plus predictions/."""
     from cosmolit.checkpoint import load_model
     from cosmolit.dataset import check_output_path, inspect_dataset
-    from cosmolit.infer import check_dataset_matches, inference_device, predict_shapes, write_predictions
+    from cosmolit.infer import inference_device, predict_shapes, write_predictions
 
     _positive(batch_size, "--batch-size")
     _positive(samples, "--samples")
@@ -178,7 +178,7 @@ def predict_cmd(
     if kind == "vae":
         raise UsageError(f"checkpoint {str(ckpt)!r} holds a vae model; predict needs a cnn or bnn (use generate)")
     info = inspect_dataset(data, require_truth=())
-    check_dataset_matches(net, info, ckpt)
+    net.check_compatible(info)
     preds = predict_shapes(net, kind, data, batch_size=batch_size, samples=samples, device=device, progress=not quiet)
     targets = list(net.hparams["targets"])
     write_predictions(out, data, preds, targets, {"prediction_checkpoint": str(ckpt), "prediction_model": kind})

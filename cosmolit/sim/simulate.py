@@ -138,7 +138,6 @@ def simulate_to_file(
     Raises UsageError (nothing written) for bad arguments, an existing `out` without force, an
     unwritable folder or an unusable catalog. Returns the path written.
     """
-    from cosmolit.dataset import LSST_BANDS  # noqa: F401  (format constants live there)
     from cosmolit.progress import progress_bar
     from cosmolit.sim.draw import truth_columns
 
