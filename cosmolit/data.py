@@ -7,8 +7,8 @@ Batches:
   or x itself when the file has none (`has_clean` False: the VAE is then an autoencoder).
 
 Split: a seeded permutation (numpy default_rng(seed)) sends round(val_fraction * n) stamps to
-validation and the rest to training. The training loader shuffles with a seeded torch.Generator
-and drops the last incomplete batch (static shapes, as the IPU needs); the validation loader
+validation and the rest to training. The training order depends only on (seed, epoch)
+(EpochShuffleSampler, so a resumed run sees the same batches) and the loader drops the last incomplete batch (static shapes, as the IPU needs); the validation loader
 keeps the file order and every stamp. The same seed gives the same batches whatever
 `num_workers` and whether the images are held in memory or streamed from the file.
 
@@ -70,6 +70,30 @@ def band_scale(values: np.ndarray) -> float:
     if peak > 0:
         return 1e-2 * peak
     return 1.0
+
+
+class EpochShuffleSampler:
+    """Training order that depends only on (seed, epoch), and can skip the batches already done.
+
+    Lightning calls `set_epoch(epoch)` before every training epoch (also after a resume), so an
+    interrupted and resumed run sees the same batches, in the same order, as an uninterrupted
+    one. `skip` (stamps) drops the start of the next epoch's order once: the batches a
+    mid-epoch checkpoint had already trained on.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = int(n), int(seed), 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:].tolist())
 
 
 class _Stamps(Dataset):
@@ -283,6 +307,7 @@ class GalaxyDataModule(pl.LightningDataModule):
             return _Stamps(self.path, index, None if truth is None else truth[index], clean, held)
 
         self._train, self._val = part(self.train_index), part(self.val_index)
+        self.train_sampler = EpochShuffleSampler(len(self.train_index), self.seed)
         self.loaded_in_memory = keep
 
     # ------------------------------------------------------------------ loaders
@@ -290,8 +315,7 @@ class GalaxyDataModule(pl.LightningDataModule):
         kwargs = dict(batch_size=self.batch_size, num_workers=self.num_workers,
                       persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
         if train:
-            gen = torch.Generator().manual_seed(self.seed)
-            return DataLoader(ds, shuffle=True, drop_last=True, generator=gen, **kwargs)
+            return DataLoader(ds, sampler=self.train_sampler, drop_last=True, **kwargs)
         # An IPU runs a static graph: every batch, validation included, must have the same shape.
         from cosmolit.backends import on_ipu
 
@@ -312,5 +336,5 @@ class GalaxyDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
 
-__all__ = ["GalaxyDataModule", "band_scale", "available_memory", "TARGET_KINDS"]
+__all__ = ["GalaxyDataModule", "EpochShuffleSampler", "band_scale", "available_memory", "TARGET_KINDS"]
 

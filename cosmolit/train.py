@@ -142,45 +142,6 @@ class Preempted(CosmolitError):
         self.exit_code = 128 + int(signum)
 
 
-class EpochShuffleSampler:
-    """Training order that depends only on (seed, epoch), and can skip the batches already done.
-
-    Lightning calls `set_epoch(epoch)` before every training epoch (also after a resume), so an
-    interrupted and resumed run sees the same batches, in the same order, as an uninterrupted
-    one. `skip` (stamps) drops the start of the next epoch's order once: the batches a
-    mid-epoch checkpoint had already trained on.
-    """
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.skip = int(n), int(seed), 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        import numpy as np
-
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        skip, self.skip = self.skip, 0
-        return iter(order[skip:].tolist())
-
-
-def _resumable_train_loader(dm, seed: int) -> EpochShuffleSampler:
-    """Replace the data module's training loader by one over an EpochShuffleSampler; return the sampler."""
-    from torch.utils.data import DataLoader
-
-    base = dm.train_dataloader()
-    sampler = EpochShuffleSampler(len(base.dataset), seed)
-    loader = DataLoader(base.dataset, batch_size=base.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=base.num_workers, persistent_workers=base.num_workers > 0,
-                        pin_memory=base.pin_memory)
-    dm.train_dataloader = lambda: loader
-    return sampler
-
-
 def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore: Optional[dict] = None,
                         checkpoint_cb=None):
     """Everything a run needs to survive interruption, as one Callback.
@@ -306,9 +267,9 @@ def fit(
         # Validate (weights_only) before Lightning touches the file; Lightning then loads it
         # again through safe_checkpoint_io(), weights_only as well.
         previous = read_checkpoint(last)
-        if checkpoint_kind(previous, last) != kind:
-            raise UsageError(f"--resume: {str(last)!r} holds a {checkpoint_kind(previous, last)} model, "
-                             f"not a {kind} model")
+        previous_kind = checkpoint_kind(previous, last)
+        if previous_kind != kind:
+            raise UsageError(f"--resume: {str(last)!r} holds a {previous_kind} model, not a {kind} model")
         resume_state = dict(previous.get("cosmolit") or {})
         del previous
     elif out.exists() and any(out.iterdir()) and not force:
@@ -321,7 +282,6 @@ def fit(
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"folder {str(parent)!r} for the output is not writable")
 
-    from cosmolit.backends import trainer_kwargs
     from cosmolit.data import GalaxyDataModule
     from cosmolit.models import model_class
 
@@ -340,6 +300,8 @@ def fit(
     )
     dm.setup("fit")
     info = dm.info
+    if info.height != info.width:
+        raise UsageError(f"stamps must be square, got {info.height} x {info.width}")
     if dm.train_size < cfg.data.batch_size:
         raise UsageError(
             f"the training split has {dm.train_size} stamps, fewer than one batch of {cfg.data.batch_size}; "
@@ -360,8 +322,6 @@ def fit(
         train_size=dm.train_size,
     )
     model = cls(**_accepted_kwargs(cls, model_kwargs))
-    if info.height != info.width:
-        raise UsageError(f"stamps must be square, got {info.height} x {info.width}")
 
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
@@ -372,7 +332,7 @@ def fit(
     checkpoint_cb = ModelCheckpoint(dirpath=str(ckpt_dir),  # a str: a Path would make the checkpoint unsafe to load on PL 2.0.9
                                     filename="best", monitor="val_loss", mode="min",
                                     save_last=True, save_top_k=1)
-    sampler = _resumable_train_loader(dm, cfg.data.seed)
+    sampler = dm.train_sampler
     if resume_state is not None:
         done = int(resume_state.get("batches_in_epoch", 0) or 0)
         per_epoch = dm.train_size // cfg.data.batch_size
@@ -415,12 +375,9 @@ def fit(
         from cosmolit.checkpoint import read_checkpoint
 
         model.load_state_dict(read_checkpoint(best)["state_dict"])
-    if is_vae and hasattr(model, "fit_flow"):
+    if is_vae:
         echo("fitting the latent normalizing flow on encoded training galaxies")
-        fit_kwargs = {}
-        if getattr(model_cfg, "flow_epochs", None):
-            fit_kwargs["epochs"] = model_cfg.flow_epochs
-        model.fit_flow(dm, seed=cfg.trainer.seed, **fit_kwargs)
+        model.fit_flow(dm, seed=cfg.trainer.seed)  # flow_epochs etc. come from the model's hyper-parameters
     trainer.save_checkpoint(str(final))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     return FitResult(out=out, checkpoint=final, best=best, last=last, logs=out / "logs",
