@@ -9,7 +9,10 @@ Batches:
 Split: a seeded permutation (numpy default_rng(seed)) sends round(val_fraction * n) stamps to
 validation and the rest to training. The training order depends only on (seed, epoch)
 (EpochShuffleSampler, so a resumed run sees the same batches) and the loader drops the last incomplete batch (static shapes, as the IPU needs); the validation loader
-keeps the file order and every stamp. The same seed gives the same batches whatever
+keeps the file order and every stamp.
+
+Targets: `target_stats` gives the mean and standard deviation of each truth column over the
+training split; the shape networks standardise their targets with them. The same seed gives the same batches whatever
 `num_workers` and whether the images are held in memory or streamed from the file.
 
 Memory: in_memory=None loads the images when they take at most a quarter of the available RAM,
@@ -193,6 +196,7 @@ class GalaxyDataModule(pl.LightningDataModule):
         self.val_index = np.sort(perm[:n_val])
         self.train_index = np.sort(perm[n_val:])
         self._normalisation: Optional[list[float]] = None
+        self._target_stats: Optional[list[list[float]]] = None
         self._train: Optional[_Stamps] = None
         self._val: Optional[_Stamps] = None
         self.loaded_in_memory: Optional[bool] = None
@@ -219,6 +223,13 @@ class GalaxyDataModule(pl.LightningDataModule):
         if self._normalisation is None:
             self.setup("fit")
         return list(self._normalisation)
+
+    @property
+    def target_stats(self) -> list[list[float]]:
+        """[[mean, std], ...] of each truth target over the training split (std 1.0 where it is 0)."""
+        if self._target_stats is None:
+            self.setup("fit")
+        return [list(p) for p in self._target_stats]
 
     @property
     def provenance(self) -> dict:
@@ -301,6 +312,11 @@ class GalaxyDataModule(pl.LightningDataModule):
                 row, col = np.argwhere(bad)[0]
                 raise UsageError(f"dataset {self.path!r}: truth/{self.targets[col]} is NaN/Inf for {int(bad.sum())} "
                                  f"value(s), the first at stamp {int(row)}")
+        self._target_stats = []
+        if truth is not None:
+            train_truth = truth[self.train_index].astype(np.float64)  # (n_train, T)
+            std = train_truth.std(0)
+            self._target_stats = [[float(m), float(v) if v > 0 else 1.0] for m, v in zip(train_truth.mean(0), std)]
         held = arrays if keep else None
 
         def part(index):

@@ -37,13 +37,8 @@ def predict_shapes(model, kind: str, path, batch_size: int = 64, samples: int | 
     with torch.no_grad(), progress_bar(info.n, "predicting", enabled=progress) as advance:
         for _, block in iter_images(path, batch_size):
             x = torch.from_numpy(block).to(device)
-            if kind == "bnn":
-                res = model.predict_samples(x, samples=samples or int(model.hparams.get("samples", 100)))
-                parts = {"mean": res["mean"], "cov": res["total_cov"],
-                         "aleatoric_cov": res["aleatoric_cov"], "epistemic_cov": res["epistemic_cov"]}
-            else:
-                mean, scale_tril = model(x)
-                parts = {"mean": mean, "cov": scale_tril @ scale_tril.transpose(-1, -2)}
+            kwargs = {"samples": samples or int(model.hparams.get("samples", 100))} if kind == "bnn" else {}
+            parts = model.estimate(x, **kwargs)
             for key, value in parts.items():
                 out.setdefault(key, []).append(value.detach().float().cpu().numpy())
             advance(len(block))

@@ -320,6 +320,7 @@ def fit(
         normalisation=list(dm.normalisation),
         provenance=dm.provenance,
         train_size=dm.train_size,
+        target_stats=None if is_vae else dm.target_stats,
     )
     model = cls(**_accepted_kwargs(cls, model_kwargs))
 
@@ -378,6 +379,12 @@ def fit(
     if is_vae:
         echo("fitting the latent normalizing flow on encoded training galaxies")
         model.fit_flow(dm, seed=cfg.trainer.seed)  # flow_epochs etc. come from the model's hyper-parameters
+    else:
+        from cosmolit.models.targets import measure_response
+
+        for name, r in measure_response(model, dm.val_dataloader(), echo=echo, progress=progress).items():
+            echo(f"{name}: response on the validation split 1 + m = {r['slope']:.4f}, c = {r['intercept']:+.5f}; "
+                 "removed from predictions")
     trainer.save_checkpoint(str(final))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     return FitResult(out=out, checkpoint=final, best=best, last=last, logs=out / "logs",

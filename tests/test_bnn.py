@@ -183,20 +183,27 @@ def test_elbo_terms_kl_scaling_and_closed_form(batch):
     assert torch.allclose(c.elbo_terms(x, y)["kl"], a.posterior.kl(2.0), rtol=1e-5)
 
 
-def test_pyro_step_equals_plain_torch_reference(batch):
-    """The hand-written reparameterised BNN (benchmark reference) computes the same loss."""
+@pytest.mark.parametrize("loss", ["decoupled", "nll"])
+def test_pyro_step_equals_plain_torch_reference(batch, loss):
+    """The hand-written reparameterised BNN (benchmark reference) computes the same loss and gradients."""
     from cosmolit.nn.bayes import TorchBayesianShapeNet
 
     x, y = batch
-    model = small_model()
-    ref = TorchBayesianShapeNet(in_channels=3, stamp=32, filters=SMALL["filters"], train_size=40)
+    stats = [[0.1, 0.3], [-0.05, 0.2], [1.0, 0.5]]
+    model = small_model(loss=loss, target_stats=stats)
+    ref = TorchBayesianShapeNet(in_channels=3, stamp=32, filters=SMALL["filters"], train_size=40, loss=loss)
     ref.net.load_state_dict(model.net.state_dict())
     ref.weights.load_state_dict(model.posterior.state_dict())
     torch.manual_seed(9)
-    loss = model.elbo_terms(x, y)["loss"]
+    loss_pyro = model.elbo_terms(x, y)["loss"]
     torch.manual_seed(9)
-    loss_ref = ref.loss(model.normalise(x), y)
-    assert torch.allclose(loss, loss_ref, rtol=1e-5)
+    y_std = (y - torch.tensor([m for m, _ in stats])) / torch.tensor([s for _, s in stats])
+    loss_ref = ref.loss(model.normalise(x), y_std)
+    assert torch.allclose(loss_pyro, loss_ref, rtol=1e-5)
+    loss_pyro.backward()
+    loss_ref.backward()
+    assert torch.allclose(model.posterior.loc[0].grad, ref.weights.loc[0].grad, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(model.posterior.rho[-1].grad, ref.weights.rho[-1].grad, rtol=1e-4, atol=1e-9)
 
 
 def test_epistemic_spread_grows_with_wider_guide(batch):
@@ -236,6 +243,9 @@ def test_config_and_bad_hparams(tmp_path):
     assert isinstance(cfg, BayesianShapeCNNConfig)
     assert cfg.targets == TARGETS and cfg.filters == (32, 64, 128, 256)
     assert (cfg.prior_scale, cfg.init_scale, cfg.lr, cfg.samples, cfg.prelu) == (1.0, -9.0, 1e-3, 100, "element")
+    assert (cfg.loss, cfg.calibrate) == ("decoupled", ("e1", "e2"))
+    with pytest.raises(ValueError, match="mse is for the cnn"):
+        BayesianShapeCNNConfig(loss="mse")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  prior_scale: -1\n")
     with pytest.raises(UsageError, match="prior_scale"):

@@ -65,6 +65,14 @@ def test_evaluate_cnn_metrics_keys(fitted, synthetic_small_h5, tmp_path):
         assert np.isfinite(m[t]["rmse"])
     assert np.isfinite(m["redshift"]["rmse"])
     assert (tmp_path / "ev" / "report.md").is_file()
+    # the response fit measured on the validation split travels in model.ckpt and into metrics.json
+    import torch
+
+    response = torch.load(fitted["cnn"] / "model.ckpt", weights_only=True)["state_dict"]["target_transform.response"]
+    expected = {t: {"slope": pytest.approx(float(response[k, 0])), "intercept": pytest.approx(float(response[k, 1]))}
+                for k, t in enumerate(("e1", "e2")) if response[k].tolist() != [1.0, 0.0]}
+    assert m["response_calibration"] == expected
+    assert response[2].tolist() == [1.0, 0.0]  # redshift is not calibrated by default
 
 
 def test_evaluate_with_hsm(fitted, tmp_path):

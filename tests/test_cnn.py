@@ -48,13 +48,13 @@ def test_forward_and_predict_shapes(synthetic_small_h5):
     assert torch.allclose(model.denormalise(model.normalise(x)), x, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("loss", ["nll", "mse"])
+@pytest.mark.parametrize("loss", ["decoupled", "nll", "mse"])
 def test_loss_decreases_on_a_fixed_batch(synthetic_small_h5, loss):
     from cosmolit.models.cnn import ShapeCNN
 
     torch.manual_seed(0)
     dm, x, y = _batch(synthetic_small_h5)
-    model = ShapeCNN(normalisation=dm.normalisation, loss=loss, lr=3e-3, **SMALL)
+    model = ShapeCNN(normalisation=dm.normalisation, target_stats=dm.target_stats, loss=loss, lr=3e-3, **SMALL)
     opt = model.configure_optimizers()
     assert isinstance(opt, torch.optim.Adam)
     losses = []
@@ -65,16 +65,81 @@ def test_loss_decreases_on_a_fixed_batch(synthetic_small_h5, loss):
         opt.step()
         losses.append(float(value))
     assert losses[-1] < losses[0] - 0.1 * abs(losses[0])
-    # the loss is what its name says, on the model's own outputs
+    # the loss is what its name says, on the model's own outputs, in standardised units
     model.eval()
     with torch.no_grad():
-        mean, scale_tril = model(x)
+        mean, scale_tril = model(x)  # physical units
         value = model.compute_loss(x, y)
-    if loss == "mse":
-        assert torch.allclose(value, ((mean - y) ** 2).mean())
-    else:
-        ref = -torch.distributions.MultivariateNormal(mean, scale_tril=scale_tril).log_prob(y).mean()
-        assert torch.allclose(value, ref, rtol=1e-4, atol=1e-4)
+    scale = torch.tensor([s for _, s in dm.target_stats])
+    squared = 0.5 * (((mean - y) / scale) ** 2).sum(-1)
+    # NLL of standardised targets = physical NLL - sum log scale
+    nll = -torch.distributions.MultivariateNormal(mean, scale_tril=scale_tril).log_prob(y) - scale.log().sum()
+    ref = {"mse": squared, "nll": nll, "decoupled": squared + nll}[loss].mean()
+    assert torch.allclose(value, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_decoupled_loss_keeps_the_likelihood_out_of_the_trunk_and_the_means(synthetic_small_h5):
+    """The covariance part of the decoupled loss moves only the covariance rows of the head."""
+    from cosmolit.models.cnn import ShapeCNN
+
+    torch.manual_seed(0)
+    dm, x, y = _batch(synthetic_small_h5)
+    grads = {}
+    for loss in ("decoupled", "mse"):
+        torch.manual_seed(1)
+        model = ShapeCNN(normalisation=dm.normalisation, target_stats=dm.target_stats, loss=loss, **SMALL)
+        model.compute_loss(x, y).backward()
+        grads[loss] = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+    t = 3  # targets: rows 0..2 of the head are the means, the rest the Cholesky factor
+    for name, g in grads["decoupled"].items():
+        if name.startswith("head.linear"):
+            assert torch.allclose(g[:t], grads["mse"][name][:t], atol=1e-6)
+            assert g[t:].abs().sum() > 0  # the covariance rows do learn
+        else:
+            assert torch.allclose(g, grads["mse"][name], atol=1e-6), name
+
+
+def test_targets_are_standardised_and_the_response_calibrated(synthetic_small_h5, tmp_path):
+    import numpy as np
+
+    from cosmolit.models.cnn import ShapeCNN
+    from cosmolit.models.targets import TargetTransform
+
+    dm, x, y = _batch(synthetic_small_h5)
+    truth = np.stack([dm._train.targets[:, k] for k in range(3)], axis=1).astype(np.float64)
+    assert np.allclose([m for m, _ in dm.target_stats], truth.mean(0), atol=1e-6)
+    assert np.allclose([s for _, s in dm.target_stats], truth.std(0), atol=1e-6)
+    # fit_response recovers a known line and removes it; targets not listed stay untouched
+    tt = TargetTransform(["e1", "e2", "redshift"], calibrate=["e1", "e2"])
+    rng = np.random.default_rng(0)
+    true = rng.normal(0, 0.3, (4000, 3))
+    pred = true * [0.8, 0.02, 0.5] + [0.01, 0.0, 0.1] + rng.normal(0, 0.01, (4000, 3))
+    notes = []
+    got = tt.fit_response(pred, true, echo=notes.append)
+    assert set(got) == {"e1"} and got["e1"]["slope"] == pytest.approx(0.8, abs=0.003)
+    assert got["e1"]["intercept"] == pytest.approx(0.01, abs=0.001)
+    assert len(notes) == 1 and "e2" in notes[0] and "not learned" in notes[0]  # slope 0.02: left alone
+    mean = torch.tensor([[0.81, 0.3, 1.0]])
+    tril = torch.eye(3).unsqueeze(0) * 0.1
+    m_cal, l_cal = tt.to_physical(mean, tril)
+    assert torch.allclose(m_cal, torch.tensor([[(0.81 - got["e1"]["intercept"]) / got["e1"]["slope"], 0.3, 1.0]]))
+    assert torch.allclose(l_cal[0].diagonal(), torch.tensor([0.1 / got["e1"]["slope"], 0.1, 0.1]))
+    assert torch.equal(tt.to_physical(mean, tril, calibrated=False)[0], mean)
+    # the response is saved with the weights and restored by load_from_checkpoint
+    model = ShapeCNN(normalisation=dm.normalisation, target_stats=dm.target_stats, **SMALL).eval()
+    model.target_transform.response[0] = torch.tensor([0.5, 0.1])
+    assert model.target_transform.responses() == {"e1": {"slope": 0.5, "intercept": pytest.approx(0.1)}}
+    with torch.no_grad():
+        raw, cal = model(x, calibrated=False)[0], model(x)[0]
+    assert torch.allclose(cal[:, 0], (raw[:, 0] - 0.1) / 0.5, atol=1e-5) and torch.equal(cal[:, 1:], raw[:, 1:])
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(str(tmp_path / "m.ckpt"))
+    back = ShapeCNN.load_from_checkpoint(str(tmp_path / "m.ckpt"), map_location="cpu").eval()
+    with torch.no_grad():
+        assert torch.equal(back(x)[0], cal)
 
 
 def test_hparam_checks_and_config():
@@ -84,12 +149,16 @@ def test_hparam_checks_and_config():
     from cosmolit.models.cnn import ShapeCNN, ShapeCNNConfig
 
     cfg = from_dict(ShapeCNNConfig, read_yaml(Path(__file__).resolve().parents[1] / "configs" / "cnn.yaml")["model"])
-    assert cfg.targets == ("e1", "e2", "redshift") and cfg.filters == (32, 64, 128, 256) and cfg.loss == "nll"
-    for bad in ({"loss": "l1"}, {"prelu": "shared"}, {"lr": 0}, {"targets": []}, {"dropout": 0.1}):
+    assert cfg.targets == ("e1", "e2", "redshift") and cfg.filters == (32, 64, 128, 256) and cfg.loss == "decoupled"
+    assert cfg.calibrate == ("e1", "e2")
+    assert ShapeCNNConfig(targets=("redshift",)).calibrate == ()
+    for bad in ({"loss": "l1"}, {"prelu": "shared"}, {"lr": 0}, {"targets": []}, {"dropout": 0.1},
+                {"calibrate": ["g1"]}):
         with pytest.raises(UsageError):
             from_dict(ShapeCNNConfig, bad)
     for bad in (dict(loss="l1"), dict(normalisation=[1.0, 2.0]), dict(normalisation=[1.0, 0.0, 1.0]),
-                dict(stamp=30)):
+                dict(stamp=30), dict(target_stats=[[0, 1]]), dict(target_stats=[[0, 1], [0, 0], [1, 1]]),
+                dict(calibrate=["redshift", "g1"])):
         with pytest.raises(UsageError):
             ShapeCNN(**{**SMALL, **bad})
 
@@ -173,3 +242,27 @@ def test_ipu_rules_hold_in_the_steps(synthetic_small_h5, monkeypatch):
     assert isinstance(out, torch.Tensor) and out.dim() == 0 and marked and marked[0] is out
     model.on_train_batch_end({"loss": out}, (x, y), 0)
     assert len(model._step_values["train"]["loss"]) == 1
+
+
+def test_measure_response_reads_uncalibrated_predictions_over_the_loader():
+    """measure_response fits prediction on truth over every batch and stores it in the transform."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cosmolit.models.targets import TargetTransform, measure_response
+
+    class Linear(torch.nn.Module):  # "images" are the truth itself; predictions 0.7 y + 0.02 before calibration
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.target_transform = TargetTransform(["e1", "e2"], calibrate=["e2"])
+
+        def estimate(self, x, calibrated=True):
+            assert not calibrated and not self.training
+            return {"mean": 0.7 * x + 0.02 + self.w}
+
+    y = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    model = Linear().train()
+    got = measure_response(model, DataLoader(TensorDataset(y, y), batch_size=64), progress=False)
+    assert model.training  # mode restored
+    assert set(got) == {"e2"} and got["e2"]["slope"] == pytest.approx(0.7) and got["e2"]["intercept"] == pytest.approx(0.02)
+    assert torch.allclose(model.target_transform.response, torch.tensor([[1.0, 0.0], [0.7, 0.02]]))

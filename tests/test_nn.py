@@ -11,7 +11,14 @@ from cosmolit.nn.gaussian import GaussianHead, covariance, gaussian_nll, head_to
 from cosmolit.nn.trunk import ElementwisePReLU, Trunk
 
 
-def test_prelu_matches_the_where_formulation_values_and_gradients():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "relu-fallback"])
+def test_prelu_matches_the_where_formulation_values_and_gradients(fused, monkeypatch):
+    import cosmolit.nn.trunk as trunk_mod
+
+    if not fused:
+        monkeypatch.setattr(trunk_mod, "_PRELU_KERNEL", None)
+    elif trunk_mod._PRELU_KERNEL is None:
+        pytest.skip("this torch has no fused PReLU kernel")
     torch.manual_seed(0)
     p = ElementwisePReLU((4, 5, 5), init=0.25)
     with torch.no_grad():
@@ -31,6 +38,9 @@ def test_prelu_matches_the_where_formulation_values_and_gradients():
     # per-channel slopes broadcast over H, W
     pc = ElementwisePReLU((4, 1, 1), init=0.1)
     assert torch.allclose(pc(-torch.ones(2, 4, 3, 3)), torch.full((2, 4, 3, 3), -0.1))
+    # channels_last inputs give the same values
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(p(x_cl), y.detach())
 
 
 @pytest.mark.parametrize("prelu", ["element", "channel"])

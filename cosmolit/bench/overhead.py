@@ -196,7 +196,8 @@ def pyro_overhead(cfg: OverheadConfig, device, echo, factory: Optional[Callable]
         net = TorchBayesianShapeNet(in_channels=len(hp.get("bands", "ugrizy")), stamp=int(hp.get("stamp", 64)),
                                     filters=tuple(hp.get("filters", (32, 64, 128, 256))),
                                     prelu=hp.get("prelu", "element"), targets=len(hp.get("targets", "abc")),
-                                    train_size=int(hp.get("train_size", 8000)), seed=cfg.seed).to(device).train()
+                                    train_size=int(hp.get("train_size", 8000)), seed=cfg.seed,
+                                    loss=hp.get("loss", "decoupled")).to(device).train()
         opt = torch.optim.Adam(net.parameters(), lr=float(hp.get("lr", 1e-3)))
         # same input normalisation as the Pyro model, inside the timed step
         return (lambda xb, yb: net.loss(pyro_model.normalise(xb), yb)), opt

@@ -9,7 +9,9 @@ Pyro pieces:
 
 - `model(x, y=None)`: weights `pyro.sample("<layer>.weight", Normal(0, prior_scale))`, the
   network run with them (torch.func.functional_call), `pyro.sample("obs", MultivariateNormal)`
-  in a plate over the batch; returns (mean (B, T), scale_tril (B, T, T)).
+  in a plate over the batch, in the targets' units (calibrated); returns the network's
+  standardised outputs (mean (B, T), scale_tril (B, T, T), scale_tril from fixed features or None)
+  for the loss.
 - `guide(x, y=None)`: `pyro.sample("<layer>.weight", Normal(loc, softplus(rho)))`; loc and rho
   are ordinary nn.Parameters of `self.posterior` (no global param store), trained by Adam.
 
@@ -19,8 +21,10 @@ works on a model loaded from a checkpoint.
 The training loss is a graph-safe ELBO built from effect handlers (Pyro's Trace_ELBO calls
 .item(), a host synchronisation that a PopTorch graph cannot contain): the guide is traced, the
 model replayed against it, the KL of each weight site taken in closed form with
-torch.distributions.kl_divergence, and the likelihood from the closed-form `gaussian_nll`
-(no Cholesky, no triangular solve). One loss tensor, static shapes, no .item().
+torch.distributions.kl_divergence, and the likelihood term from the closed-form `gaussian_nll`
+(no Cholesky, no triangular solve). One loss tensor, static shapes, no .item(). Targets are
+standardised, the likelihood term is `decoupled` by default and the e1, e2 response calibrated
+after training, as for ShapeCNN (cosmolit.models.targets).
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ from torch.func import functional_call, vmap
 
 from cosmolit.backends import mark_loss
 from cosmolit.models.base import CosmolitModule, check_network_hparams
-from cosmolit.nn.bayes import MeanFieldWeights, build_shape_net, normal_kl_zero_mean, strip_weights
-from cosmolit.nn.gaussian import covariance, gaussian_nll
+from cosmolit.nn.bayes import MeanFieldWeights, build_shape_net, normal_kl_zero_mean, run_shape_net, strip_weights
+from cosmolit.models.targets import TargetTransform, check_shape_hparams, default_calibrate, shape_loss
+from cosmolit.nn.gaussian import covariance
 
 DEFAULT_TARGETS = ("e1", "e2", "redshift")
 
@@ -71,13 +76,22 @@ class BayesianShapeCNNConfig:
     init_scale: float = -9.0
     lr: float = 1e-3
     samples: int = 100
+    loss: str = "decoupled"
+    calibrate: Optional[tuple[str, ...]] = None  # None: e1, e2 when among the targets
 
     def __post_init__(self):
-        _check_hparams(self.targets, self.filters, self.prelu, self.prior_scale, self.lr, self.samples)
+        if self.calibrate is None:
+            self.calibrate = tuple(default_calibrate(self.targets))
+        _check_hparams(self.targets, self.filters, self.prelu, self.prior_scale, self.lr, self.samples,
+                       loss=self.loss, calibrate=self.calibrate)
 
 
-def _check_hparams(targets, filters, prelu, prior_scale, lr, samples, train_size=1) -> None:
+def _check_hparams(targets, filters, prelu, prior_scale, lr, samples, train_size=1, loss="decoupled",
+                   calibrate=()) -> None:
     check_network_hparams(filters, prelu, lr, targets)
+    check_shape_hparams(targets, loss, calibrate)
+    if loss == "mse":
+        raise ValueError("loss mse is for the cnn; the BNN's likelihood term is decoupled or nll")
     if not prior_scale > 0:
         raise ValueError(f"prior_scale must be > 0, got {prior_scale}")
     if int(samples) <= 0:
@@ -105,13 +119,18 @@ class BayesianShapeCNN(CosmolitModule):
         samples: int = 100,
         train_size: int = 8000,
         seed: int = 0,
+        loss: str = "decoupled",
+        calibrate: Optional[Sequence[str]] = None,
+        target_stats: Optional[Sequence] = None,
         bands: str = "ugrizy",
         stamp: int = 64,
         normalisation: Optional[Sequence] = None,
         provenance: Optional[dict] = None,
     ):
+        targets = [str(t) for t in targets]
+        calibrate = default_calibrate(targets) if calibrate is None else [str(t) for t in calibrate]
         try:
-            _check_hparams(targets, filters, prelu, prior_scale, lr, samples, train_size)
+            _check_hparams(targets, filters, prelu, prior_scale, lr, samples, train_size, loss, calibrate)
         except ValueError as exc:
             from cosmolit.errors import UsageError
 
@@ -130,6 +149,7 @@ class BayesianShapeCNN(CosmolitModule):
         self.site_names = [f"{name}.weight" for name, _ in sites]  # Pyro site = functional_call key
         self._site_shapes = [tuple(shape) for _, shape in sites]
         self._priors = None  # cached prior distributions, per (device, dtype)
+        self.target_transform = TargetTransform(targets, target_stats, calibrate)
 
     # ---------------------------------------------------------------- Pyro model and guide
     def _prior_dists(self, like: torch.Tensor) -> tuple:
@@ -141,17 +161,19 @@ class BayesianShapeCNN(CosmolitModule):
             self._priors = (key, base, sites)
         return self._priors[1], self._priors[2]
 
-    def _run_net(self, x: torch.Tensor, weights: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return functional_call(self.net, weights, (self.normalise(x),))  # (B, T), (B, T, T)
+    def _run_net(self, x: torch.Tensor, weights: dict, fixed_features: bool = False):
+        """Standardised outputs for raw images x and one weight set (cosmolit.nn.bayes.run_shape_net)."""
+        return run_shape_net(self.net, weights, self.normalise(x), fixed_features)
 
     def model(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         """Pyro model: weights from the N(0, prior_scale) prior, Gaussian likelihood of y (B, T)."""
         _, priors = self._prior_dists(self.posterior.loc[0])
         weights = {name: pyro.sample(name, prior) for name, prior in zip(self.site_names, priors)}
-        mean, scale_tril = self._run_net(x, weights)  # (B, T), (B, T, T)
+        outputs = self._run_net(x, weights, fixed_features=self.hparams.loss == "decoupled")
+        mean, scale_tril = self.target_transform.to_physical(outputs[0], outputs[1])  # (B, T), (B, T, T)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("obs", dist.MultivariateNormal(mean, scale_tril=scale_tril), obs=y)
-        return mean, scale_tril
+        return outputs
 
     def guide(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         """Pyro guide: mean-field Normal(loc, softplus(rho)) on every weight entry."""
@@ -159,7 +181,8 @@ class BayesianShapeCNN(CosmolitModule):
             pyro.sample(name, dist.Normal(loc, F.softplus(rho)).to_event(loc.dim()))
 
     def elbo_terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Graph-safe negative ELBO per sample: {'loss', 'nll', 'kl'}; loss = mean NLL + KL / train_size."""
+        """Graph-safe negative ELBO per sample: {'loss', 'nll', 'kl'}; loss = mean likelihood term
+        (standardised units, `loss` hyper-parameter) + KL / train_size."""
         with pyro.validation_enabled(False):
             guide_trace = poutine.trace(self.guide).get_trace(x, y)
             model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x, y)
@@ -169,14 +192,23 @@ class BayesianShapeCNN(CosmolitModule):
         prior, _ = self._prior_dists(self.posterior.loc[0])
         g = guide_trace.nodes
         kl = sum(kl_divergence(g[name]["fn"].base_dist, prior).sum() for name in self.site_names)  # ()
-        mean, scale_tril = model_trace.nodes["_RETURN"]["value"]  # (B, T), (B, T, T)
-        nll = gaussian_nll(y, mean, scale_tril).mean()
+        mean, scale_tril, fixed = model_trace.nodes["_RETURN"]["value"]  # (B, T), (B, T, T), (B, T, T) | None
+        nll = shape_loss(self.hparams.loss, self.target_transform.standardise(y), mean, scale_tril, fixed).mean()
         return {"loss": nll + kl / self.train_size, "nll": nll, "kl": kl}
 
     # ---------------------------------------------------------------- Lightning
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One posterior weight draw: (mean (B, T), scale_tril (B, T, T))."""
-        return self._run_net(x, self.posterior.as_dict(self.posterior.rsample()))
+    def forward(self, x: torch.Tensor, calibrated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """One posterior weight draw: (mean (B, T), scale_tril (B, T, T)) in the targets' units."""
+        mean, scale_tril, _ = self._run_net(x, self.posterior.as_dict(self.posterior.rsample()))
+        return self.target_transform.to_physical(mean, scale_tril, calibrated)
+
+    def estimate(self, x: torch.Tensor, calibrated: bool = True, samples: Optional[int] = None,
+                 seed: Optional[int] = None) -> dict:
+        """Predictions for raw images x over `samples` draws (seeded when `seed` is given): {'mean',
+        'cov' (total), 'aleatoric_cov', 'epistemic_cov'}."""
+        res = self.predict_samples(x, samples=samples, seed=seed, calibrated=calibrated)
+        return {"mean": res["mean"], "cov": res["total_cov"], "aleatoric_cov": res["aleatoric_cov"],
+                "epistemic_cov": res["epistemic_cov"]}
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, C, H, W), (B, T)
@@ -196,7 +228,7 @@ class BayesianShapeCNN(CosmolitModule):
     @torch.no_grad()
     def predict_samples(self, x: torch.Tensor, samples: Optional[int] = None, seed: Optional[int] = None,
                         vectorise: Optional[bool] = None, max_pairs: int = 1024,
-                        max_draws: int = 32) -> dict[str, torch.Tensor]:
+                        max_draws: int = 32, calibrated: bool = True) -> dict[str, torch.Tensor]:
         """Moments over `samples` posterior weight draws for raw images x (B, C, H, W).
 
         Returns mean (B, T), aleatoric_cov (B, T, T) = mean of the draws' L L^T, epistemic_cov
@@ -208,6 +240,7 @@ class BayesianShapeCNN(CosmolitModule):
         GPUs, one pass per draw on CPUs, where grouped convolutions are slower than plain ones and
         drawing the weights (1.2 M normals per draw) costs about as much as a pass at small batch.
         `seed` makes the draws reproducible; the draws do not depend on `vectorise` or the chunking.
+        Outputs are in the targets' units, calibrated unless `calibrated` is False.
         BatchNorm uses its running statistics (eval mode) whatever the module's mode.
         """
         samples = int(self.hparams.samples if samples is None else samples)
@@ -235,6 +268,7 @@ class BayesianShapeCNN(CosmolitModule):
                 else:
                     mean, scale_tril = functional_call(self.net, {k: w[0] for k, w in draws.items()}, (xn,))
                     mean, scale_tril = mean.unsqueeze(0), scale_tril.unsqueeze(0)  # (1, B, T), (1, B, T, T)
+                mean, scale_tril = self.target_transform.to_physical(mean, scale_tril, calibrated)
                 means.append(mean)
                 covs.append(covariance(scale_tril))  # (s, B, T, T)
                 done += s

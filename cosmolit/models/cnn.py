@@ -2,8 +2,11 @@
 
 Trunk (cosmolit.nn.trunk) -> GaussianHead: for T targets, a mean (T,) and the Cholesky factor of
 a full covariance (T, T) per galaxy, trained with the exact Gaussian negative log-likelihood
-(Arcelin 2021, arXiv:2106.02465; TFP's MultivariateNormalTriL in the study). loss="mse" trains the
-means only with a mean squared error, as the study's timing runs.
+(Arcelin 2021, arXiv:2106.02465; TFP's MultivariateNormalTriL in the study). Targets are
+standardised with training-set statistics, the loss is `decoupled` by default (means by squared
+error, covariance by the NLL on fixed means and features; `nll` is the study's exact likelihood,
+`mse` its timing runs) and the e1, e2 response is calibrated on the validation split: see
+cosmolit.models.targets.
 
 With the defaults (6 bands ugrizy, 64x64 stamps, filters 32..256, element-wise PReLU, 3 targets)
 the network has 1,517,205 trainable parameters, the study's TensorFlow count.
@@ -19,17 +22,16 @@ import torch
 from cosmolit.backends import mark_loss
 from cosmolit.errors import UsageError
 from cosmolit.models.base import CosmolitModule, check_network_hparams
-from cosmolit.nn.gaussian import GaussianHead, covariance, gaussian_nll
+from cosmolit.models.targets import TargetTransform, check_shape_hparams, default_calibrate, shape_loss
+from cosmolit.nn.gaussian import GaussianHead, covariance, head_to_gaussian
 from cosmolit.nn.trunk import Trunk
 
 DEFAULT_TARGETS = ("e1", "e2", "redshift")
-LOSSES = ("nll", "mse")
 
 
-def _check_hparams(targets, filters, prelu, loss, lr) -> None:
+def _check_hparams(targets, filters, prelu, loss, lr, calibrate) -> None:
     check_network_hparams(filters, prelu, lr, targets)
-    if loss not in LOSSES:
-        raise ValueError(f"loss {loss!r} is not allowed; choose one of {', '.join(LOSSES)}")
+    check_shape_hparams(targets, loss, calibrate)
 
 
 @dataclass
@@ -39,11 +41,14 @@ class ShapeCNNConfig:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     filters: tuple[int, ...] = (32, 64, 128, 256)
     prelu: str = "element"
-    loss: str = "nll"
+    loss: str = "decoupled"
     lr: float = 1e-3
+    calibrate: Optional[tuple[str, ...]] = None  # None: e1, e2 when among the targets
 
     def __post_init__(self):
-        _check_hparams(self.targets, self.filters, self.prelu, self.loss, self.lr)
+        if self.calibrate is None:
+            self.calibrate = tuple(default_calibrate(self.targets))
+        _check_hparams(self.targets, self.filters, self.prelu, self.loss, self.lr, self.calibrate)
 
 
 class ShapeCNN(CosmolitModule):
@@ -57,13 +62,16 @@ class ShapeCNN(CosmolitModule):
         normalisation: Optional[Sequence] = None,
         filters: Sequence[int] = (32, 64, 128, 256),
         prelu: str = "element",
-        loss: str = "nll",
+        loss: str = "decoupled",
         lr: float = 1e-3,
+        calibrate: Optional[Sequence[str]] = None,
+        target_stats: Optional[Sequence] = None,
         provenance: Optional[dict] = None,
     ):
         targets, filters = [str(t) for t in targets], [int(f) for f in filters]
+        calibrate = default_calibrate(targets) if calibrate is None else [str(t) for t in calibrate]
         try:
-            _check_hparams(targets, filters, prelu, loss, lr)
+            _check_hparams(targets, filters, prelu, loss, lr, calibrate)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         super().__init__(bands=bands, stamp=stamp, normalisation=normalisation, provenance=provenance)
@@ -71,17 +79,26 @@ class ShapeCNN(CosmolitModule):
         self.n_targets = len(targets)
         self.trunk = Trunk(in_channels=len(bands), stamp=int(stamp), filters=tuple(filters), prelu=prelu)
         self.head = GaussianHead(self.trunk.out_features, self.n_targets)
+        self.target_transform = TargetTransform(targets, target_stats, calibrate)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, C, H, W) raw electrons -> (mean (B, T), scale_tril (B, T, T))."""
-        return self.head(self.trunk(self.normalise(x)))
+    def forward(self, x: torch.Tensor, calibrated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W) raw electrons -> (mean (B, T), scale_tril (B, T, T)) in the targets' units."""
+        mean, scale_tril = self.head(self.trunk(self.normalise(x)))
+        return self.target_transform.to_physical(mean, scale_tril, calibrated)
+
+    def estimate(self, x: torch.Tensor, calibrated: bool = True) -> dict[str, torch.Tensor]:
+        """Predictions for raw images x: {'mean' (B, T), 'cov' (B, T, T)}."""
+        mean, scale_tril = self(x, calibrated)
+        return {"mean": mean, "cov": covariance(scale_tril)}
 
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Scalar loss for raw images x (B, C, H, W) and targets y (B, T): mean NLL, or MSE of the means."""
-        mean, scale_tril = self(x)  # (B, T), (B, T, T)
-        if self.hparams.loss == "mse":
-            return ((mean - y) ** 2).mean()
-        return gaussian_nll(y, mean, scale_tril).mean()
+        """Scalar loss for raw images x (B, C, H, W) and physical targets y (B, T), in standardised units."""
+        h = self.trunk(self.normalise(x))  # (B, F)
+        mean, scale_tril = self.head(h)  # (B, T), (B, T, T)
+        fixed = None
+        if self.hparams.loss == "decoupled":
+            _, fixed = head_to_gaussian(self.head.linear(h.detach()), self.n_targets)
+        return shape_loss(self.hparams.loss, self.target_transform.standardise(y), mean, scale_tril, fixed).mean()
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, C, H, W), (B, T)
@@ -93,5 +110,4 @@ class ShapeCNN(CosmolitModule):
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        mean, scale_tril = self(x)
-        return {"mean": mean, "cov": covariance(scale_tril)}  # (B, T), (B, T, T)
+        return self.estimate(x)  # mean (B, T), cov (B, T, T)

@@ -143,36 +143,52 @@ def build_shape_net(in_channels: int, stamp: int, filters=(32, 64, 128, 256), pr
     return nn.Sequential(trunk, GaussianHead(trunk.out_features, targets))
 
 
+def run_shape_net(net: nn.Module, weights: dict, x: torch.Tensor, fixed_features: bool = False):
+    """Run `build_shape_net`'s network with the weight tensors `weights` ({"<site>.weight": w}).
+
+    x: normalised images (B, C, H, W). Returns (mean (B, T), scale_tril (B, T, T), and with
+    fixed_features the scale_tril the head computes from detached trunk features, else None), in
+    the network's (standardised) units.
+    """
+    trunk, head = net[0], net[1]
+    trunk_w = {k[2:]: w for k, w in weights.items() if k.startswith("0.")}
+    head_w = {k[2:]: w for k, w in weights.items() if k.startswith("1.")}
+    h = torch.func.functional_call(trunk, trunk_w, (x,))  # (B, F)
+    mean, scale_tril = torch.func.functional_call(head, head_w, (h,))  # (B, T), (B, T, T)
+    fixed = torch.func.functional_call(head, head_w, (h.detach(),))[1] if fixed_features else None
+    return mean, scale_tril, fixed
+
+
 class TorchBayesianShapeNet(nn.Module):
     """Reference BNN without Pyro: the same layers, priors, guide and loss as BayesianShapeCNN.
 
-    `loss(x, y)` = mean Gaussian NLL + KL / train_size with one reparameterised weight draw,
-    written directly in torch. x is the network input (already normalised), (B, C, H, W).
+    `loss(x, y)` = mean likelihood term (cosmolit.models.targets.shape_loss, `loss` decoupled or
+    nll) + KL / train_size with one reparameterised weight draw, written directly in torch. x is the
+    network input (already normalised), (B, C, H, W); y the targets as the network sees them.
     """
 
     def __init__(self, in_channels: int = 6, stamp: int = 64, filters=(32, 64, 128, 256),
                  prelu: str = "element", targets: int = 3, prior_scale: float = 1.0,
-                 init_scale: float = -9.0, train_size: int = 8000, seed: int = 0):
+                 init_scale: float = -9.0, train_size: int = 8000, seed: int = 0, loss: str = "decoupled"):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.targets = targets
         self.prior_scale = float(prior_scale)
         self.train_size = int(train_size)
+        self.loss_kind = str(loss)
         self.net = build_shape_net(in_channels, stamp, filters, prelu, targets)
         self.weights = MeanFieldWeights(strip_weights(self.net), init_scale, generator=gen)
 
     def forward(self, x: torch.Tensor):
         """(mean (B, T), scale_tril (B, T, T)) with one fresh weight draw."""
-        return self._run(x, self.weights.rsample())
-
-    def _run(self, x: torch.Tensor, weights: list[torch.Tensor]):
-        return torch.func.functional_call(self.net, self.weights.as_dict(weights), (x,))  # (B, T), (B, T, T)
+        return run_shape_net(self.net, self.weights.as_dict(self.weights.rsample()), x)[:2]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean Gaussian NLL + KL / train_size with one weight draw (softplus computed once)."""
-        from cosmolit.nn.gaussian import gaussian_nll
+        """Mean likelihood term + KL / train_size with one weight draw (softplus computed once)."""
+        from cosmolit.models.targets import shape_loss
 
         scales = self.weights.scales()
-        mean, scale_tril = self._run(x, self.weights.rsample(scales=scales))
+        weights = self.weights.as_dict(self.weights.rsample(scales=scales))
+        mean, scale_tril, fixed = run_shape_net(self.net, weights, x, fixed_features=self.loss_kind == "decoupled")
         kl = self.weights.kl(self.prior_scale, scales=scales)
-        return gaussian_nll(y, mean, scale_tril).mean() + kl / self.train_size
+        return shape_loss(self.loss_kind, y, mean, scale_tril, fixed).mean() + kl / self.train_size

@@ -31,18 +31,20 @@ from torch import nn
 from cosmolit.errors import UsageError
 
 PRELU_KINDS = ("element", "channel")
+_PRELU_KERNEL = getattr(torch, "_prelu_kernel", None)  # fused, broadcasting PReLU (torch >= 2.0)
 
 
 class ElementwisePReLU(nn.Module):
-    """PReLU with one learned slope per element of `shape`: y = relu(x) - a * relu(-x).
+    """PReLU with one learned slope per element of `shape`: y = x if x > 0 else a * x.
 
     shape (C, H, W) gives Keras' default PReLU (one slope per feature-map element); (C, 1, 1)
     one slope per channel; (F,) one per feature of a dense layer. Input (B, *shape), broadcast.
 
-    The relu form is Keras' own; on CPU (torch 2.x, batch 32, the trunk's eight feature-map
-    shapes, forward + backward) it took 133 ms against 309 ms for torch.where(x >= 0, x, a * x),
-    314 ms for maximum/minimum, 233 ms for clamp and 200 ms for x * where(...). The gradient only
-    differs at x == 0 exactly (0 here, 1 for where), a set of measure zero.
+    Runs on torch's fused PReLU kernel (`torch._prelu_kernel`, which broadcasts any slope shape
+    and is in PopTorch 3.4's lowered-op list): one pass forward and one backward. On CPU (batch
+    32, the trunk's eight feature-map shapes, forward + backward) it takes 0.6x the time of the
+    relu form relu(x) - a * relu(-x), which is itself 0.43x that of torch.where(x >= 0, x, a * x).
+    The relu form remains as the fallback for a torch without the kernel.
     """
 
     def __init__(self, shape: tuple[int, ...], init: float = 0.25):
@@ -54,7 +56,9 @@ class ElementwisePReLU(nn.Module):
         self.weight = nn.Parameter(torch.full(shape, float(init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x) - self.weight * F.relu(-x)  # (B, *shape)
+        if _PRELU_KERNEL is not None:
+            return _PRELU_KERNEL(x, self.weight)  # (B, *shape)
+        return F.relu(x) - self.weight * F.relu(-x)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}"
