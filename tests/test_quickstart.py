@@ -20,5 +20,5 @@ def test_quickstart_runs_end_to_end_on_tiny_sizes(tmp_path):
 
 def test_quickstart_refuses_bad_loss(tmp_path):
     result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "q"), "--loss", "l1"])
-    assert result.exit_code == 2 and "choose mse or nll" in result.output
+    assert result.exit_code == 2 and "choose one of decoupled, nll, mse" in result.output
     assert not (tmp_path / "q").exists()

@@ -16,8 +16,8 @@ def quickstart(
     n_train: int = typer.Option(4000, "--n-train", help="Simulated training stamps."),
     n_test: int = typer.Option(400, "--n-test", help="Simulated test stamps (a different seed)."),
     epochs: int = typer.Option(5, "--epochs", "-e"),
-    loss: str = typer.Option("mse", "--loss", help="mse (learns e fastest in a short run) or nll (the study's "
-                             "full-covariance Gaussian; needs long training)."),
+    loss: str = typer.Option("decoupled", "--loss", help="decoupled (means by squared error, covariance by "
+                             "NLL), mse (means only) or nll (the study's exact Gaussian likelihood)."),
     workers: int = typer.Option(2, "--workers", "-w"),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing quickstart folder."),
@@ -30,8 +30,10 @@ def quickstart(
     for name, value in (("--n-train", n_train), ("--n-test", n_test), ("--epochs", epochs), ("--workers", workers)):
         if value <= 0:
             raise UsageError(f"{name} must be a positive integer, got {value}")
-    if loss not in ("mse", "nll"):
-        raise UsageError(f"--loss {loss!r} is not allowed; choose mse or nll")
+    from cosmolit.models.targets import SHAPE_LOSSES
+
+    if loss not in SHAPE_LOSSES:
+        raise UsageError(f"--loss {loss!r} is not allowed; choose one of {', '.join(SHAPE_LOSSES)}")
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"folder {str(out)!r} is not empty; pass --force to start again")
     out.mkdir(parents=True, exist_ok=True)
