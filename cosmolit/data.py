@@ -28,6 +28,7 @@ from __future__ import annotations
 
 
 import os
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -75,17 +76,54 @@ def band_scale(values: np.ndarray) -> float:
     return 1.0
 
 
+# ---------------------------------------------------------------- augmentation
+# The eight symmetries of the square pixel grid (the dihedral group D4), applied to training
+# stamps as a flip of the columns (bit 0), of the rows (bit 1), then a transpose (bit 2). They
+# are exact for cosmolit's data: round PSFs, square pixels, galaxies at the stamp centre (up to
+# one pixel for even stamps). Distortions / shears are spin-2: a transpose swaps x and y
+# (e1 -> -e1), one flip reverses handedness (e2 -> -e2), whatever the sign convention.
+AUGMENT_GROUP = 8
+SPIN2_SIGNS = {"e1": (-1.0, 1.0), "e2": (1.0, -1.0), "g1": (-1.0, 1.0), "g2": (1.0, -1.0)}  # (transpose, one flip)
+_INVARIANT = re.compile(r"(redshift|mag_\w+|hlr|bulge_frac|snr|sed_type|catalog_row|is_blend|n_neighbors|"
+                        r"blendedness|nb\d+_mag_\w+)$")
+
+
+def augment_signs(targets: Sequence[str]) -> np.ndarray:
+    """(T, 2) sign of each truth target under a transpose and under one flip; UsageError for a
+    target whose behaviour under the grid's symmetries is not known (e.g. neighbour offsets)."""
+    unknown = [t for t in targets if t not in SPIN2_SIGNS and not _INVARIANT.match(t)]
+    if unknown:
+        raise UsageError(f"augment: the targets {unknown} may change under rotations and flips of the stamp in a "
+                         f"way cosmolit does not know (it knows e1, e2, g1, g2 and orientation-free columns such "
+                         f"as redshift, magnitudes, hlr); set data.augment: false")
+    return np.array([SPIN2_SIGNS.get(t, (1.0, 1.0)) for t in targets], dtype=np.float32).reshape(len(targets), 2)
+
+
+def apply_symmetry(stamp: np.ndarray, g: int) -> np.ndarray:
+    """Element g (0..7) of D4 applied to the last two axes of (..., H, W) (a view)."""
+    if g & 1:
+        stamp = stamp[..., ::-1]
+    if g & 2:
+        stamp = stamp[..., ::-1, :]
+    if g & 4:
+        stamp = np.swapaxes(stamp, -1, -2)
+    return stamp
+
+
 class EpochShuffleSampler:
     """Training order that depends only on (seed, epoch), and can skip the batches already done.
 
     Lightning calls `set_epoch(epoch)` before every training epoch (also after a resume), so an
     interrupted and resumed run sees the same batches, in the same order, as an uninterrupted
     one. `skip` (stamps) drops the start of the next epoch's order once: the batches a
-    mid-epoch checkpoint had already trained on.
+    mid-epoch checkpoint had already trained on. With `augment`, each item is
+    position * AUGMENT_GROUP + g, g the grid symmetry drawn for that stamp in that epoch: the
+    augmentation too depends only on (seed, epoch), not on the number of workers.
     """
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, augment: bool = False):
         self.n, self.seed, self.epoch, self.skip = int(n), int(seed), 0, 0
+        self.augment = bool(augment)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -94,7 +132,10 @@ class EpochShuffleSampler:
         return self.n
 
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n)
+        if self.augment:
+            order = order * AUGMENT_GROUP + rng.integers(0, AUGMENT_GROUP, self.n)
         skip, self.skip = self.skip, 0
         return iter(order[skip:].tolist())
 
@@ -104,12 +145,14 @@ class _Stamps(Dataset):
 
     arrays: {"images": ndarray (n_file, C, H, W), "clean": ...} already in memory, or None to
     read from `path` lazily. targets: (len(index), T) float32, or None to return the clean
-    stamps (or the images themselves when clean is False).
+    stamps (or the images themselves when clean is False). signs: (T, 2) from `augment_signs`
+    to take items encoded by an augmenting EpochShuffleSampler (None: plain positions).
     """
 
     def __init__(self, path: str, index: np.ndarray, targets: Optional[np.ndarray], clean: bool,
-                 arrays: Optional[dict] = None):
+                 arrays: Optional[dict] = None, signs: Optional[np.ndarray] = None):
         self.path, self.index, self.targets, self.clean, self.arrays = path, index, targets, clean, arrays
+        self.signs = signs
         self._file = None
         self._pid = None
 
@@ -134,6 +177,9 @@ class _Stamps(Dataset):
     def __getitems__(self, items):
         """Several items in one read (the DataLoader calls this for a whole batch)."""
         pos = np.asarray(items, dtype=np.int64)
+        sym = None
+        if self.signs is not None:
+            pos, sym = np.divmod(pos, AUGMENT_GROUP)
         rows = self.index[pos]
         uniq, inverse = np.unique(rows, return_inverse=True)  # h5py needs increasing rows
         x = self._read("images", uniq)[inverse]  # (b, C, H, W)
@@ -143,6 +189,16 @@ class _Stamps(Dataset):
             t = self._read("clean", uniq)[inverse]  # (b, C, H, W)
         else:
             t = x
+        if sym is not None:
+            x = [apply_symmetry(x[k], g) for k, g in enumerate(sym)]
+            if self.targets is not None:
+                transpose, one_flip = (sym & 4) > 0, ((sym & 1) ^ ((sym >> 1) & 1)) > 0  # (b,) each
+                t = t * np.where(transpose[:, None], self.signs[:, 0], 1.0) * np.where(one_flip[:, None], self.signs[:, 1], 1.0)
+                t = t.astype(np.float32)
+            elif self.clean:
+                t = [apply_symmetry(t[k], g) for k, g in enumerate(sym)]
+            else:
+                t = x
         return [(torch.from_numpy(np.ascontiguousarray(x[k])), torch.from_numpy(np.ascontiguousarray(t[k])))
                 for k in range(len(pos))]
 
@@ -164,6 +220,7 @@ class GalaxyDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         in_memory: Optional[bool] = None,
         limit: Optional[int] = None,
+        augment: bool = False,
     ):
         super().__init__()
         if target_kind not in TARGET_KINDS:
@@ -186,6 +243,8 @@ class GalaxyDataModule(pl.LightningDataModule):
         self.target_kind = target_kind
         self.batch_size, self.val_fraction, self.seed = int(batch_size), float(val_fraction), int(seed)
         self.num_workers, self.in_memory, self.limit = int(num_workers), in_memory, limit
+        self.augment = bool(augment)
+        self._signs = augment_signs(self.targets) if self.augment else None
         self._info = inspect_dataset(self.path, require_truth=self.targets)
         self.n = min(self._info.n, int(limit)) if limit is not None else self._info.n
         n_val = int(round(self.n * self.val_fraction))
@@ -319,11 +378,11 @@ class GalaxyDataModule(pl.LightningDataModule):
             self._target_stats = [[float(m), float(v) if v > 0 else 1.0] for m, v in zip(train_truth.mean(0), std)]
         held = arrays if keep else None
 
-        def part(index):
-            return _Stamps(self.path, index, None if truth is None else truth[index], clean, held)
+        def part(index, signs=None):
+            return _Stamps(self.path, index, None if truth is None else truth[index], clean, held, signs)
 
-        self._train, self._val = part(self.train_index), part(self.val_index)
-        self.train_sampler = EpochShuffleSampler(len(self.train_index), self.seed)
+        self._train, self._val = part(self.train_index, self._signs), part(self.val_index)
+        self.train_sampler = EpochShuffleSampler(len(self.train_index), self.seed, augment=self.augment)
         self.loaded_in_memory = keep
 
     # ------------------------------------------------------------------ loaders

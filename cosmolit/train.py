@@ -33,6 +33,7 @@ class DataConfig:
     num_workers: int = 0
     in_memory: Optional[bool] = None
     limit: Optional[int] = None
+    augment: bool = False
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -297,6 +298,7 @@ def fit(
         num_workers=cfg.data.num_workers,
         in_memory=cfg.data.in_memory,
         limit=cfg.data.limit,
+        augment=cfg.data.augment,
     )
     dm.setup("fit")
     info = dm.info
@@ -330,8 +332,11 @@ def fit(
     config_yaml = dump_yaml({"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(cfg.data),
                              "trainer": dataclasses.asdict(cfg.trainer), "ipu": cfg.ipu})
     out.mkdir(parents=True, exist_ok=True)
+    # the metric that picks best.ckpt and stops early: the model's choice, except on the IPU,
+    # where only the loss leaves the compiled step
+    monitor = "val_loss" if trainer_opts.get("accelerator") == "ipu" else model.monitor
     checkpoint_cb = ModelCheckpoint(dirpath=str(ckpt_dir),  # a str: a Path would make the checkpoint unsafe to load on PL 2.0.9
-                                    filename="best", monitor="val_loss", mode="min",
+                                    filename="best", monitor=monitor, mode="min",
                                     save_last=True, save_top_k=1)
     sampler = dm.train_sampler
     if resume_state is not None:
@@ -343,7 +348,7 @@ def fit(
                                     checkpoint_cb=checkpoint_cb)
     callbacks = [checkpoint_cb, _provenance_callback(kind, cfg.trainer.seed, config_yaml), run_state]
     if cfg.trainer.early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.trainer.early_stopping_patience))
+        callbacks.append(EarlyStopping(monitor=monitor, patience=cfg.trainer.early_stopping_patience))
     loggers = [CSVLogger(str(out), name="logs", version="")]
     try:
         from pytorch_lightning.loggers import TensorBoardLogger
@@ -380,11 +385,14 @@ def fit(
         echo("fitting the latent normalizing flow on encoded training galaxies")
         model.fit_flow(dm, seed=cfg.trainer.seed)  # flow_epochs etc. come from the model's hyper-parameters
     else:
-        from cosmolit.models.targets import measure_response
+        from cosmolit.models.targets import calibrate
 
-        for name, r in measure_response(model, dm.val_dataloader(), echo=echo, progress=progress).items():
+        found = calibrate(model, dm.val_dataloader(), echo=echo, progress=progress)
+        for name, r in found["response"].items():
             echo(f"{name}: response on the validation split 1 + m = {r['slope']:.4f}, c = {r['intercept']:+.5f}; "
                  "removed from predictions")
+        echo("uncertainty calibration on the validation split, factor on sigma: "
+             + ", ".join(f"{name} {v:.3f}" for name, v in found["sigma_scale"].items()))
     trainer.save_checkpoint(str(final))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     return FitResult(out=out, checkpoint=final, best=best, last=last, logs=out / "logs",

@@ -72,6 +72,13 @@ def test_evaluate_cnn_metrics_keys(fitted, synthetic_small_h5, tmp_path):
     expected = {t: {"slope": pytest.approx(float(response[k, 0])), "intercept": pytest.approx(float(response[k, 1]))}
                 for k, t in enumerate(("e1", "e2")) if response[k].tolist() != [1.0, 0.0]}
     assert m["response_calibration"] == expected
+    scale = torch.load(fitted["cnn"] / "model.ckpt", weights_only=True)["state_dict"]["target_transform.sigma_scale"]
+    assert m["uncertainty_calibration"] == {t: pytest.approx(float(scale[k])) for k, t in enumerate(m["targets"])
+                                            if float(scale[k]) != 1.0}
+    assert len(m["uncertainty_calibration"]) == 3  # fitted for every target
+    # best.ckpt was chosen by the standardised squared error of the means (decoupled loss)
+    callbacks = torch.load(fitted["cnn"] / "model.ckpt", weights_only=True)["callbacks"]
+    assert any("'monitor': 'val_mse'" in key for key in callbacks), list(callbacks)
     assert response[2].tolist() == [1.0, 0.0]  # redshift is not calibrated by default
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,6 +200,12 @@ def test_fit_logs_epoch_means_and_checkpoint_reloads_in_a_subprocess(synthetic_s
     with torch.no_grad():
         losses = [model.compute_loss(x, y) for x, y in dm.val_dataloader()]
     assert float(metrics["val_loss"]) == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
+    # val_mse, the metric the decoupled loss picks checkpoints by, is the standardised squared error
+    assert model.monitor == "val_mse" and ShapeCNN(loss="nll", **SMALL).monitor == "val_loss"
+    with torch.no_grad():
+        sq = [((model(x, calibrated=False)[0] - y) / model.target_transform.scale).pow(2).mean()
+              for x, y in dm.val_dataloader()]
+    assert float(metrics["val_mse"]) == pytest.approx(float(torch.stack(sq).mean()), rel=1e-4)
     path = ckpt_cb.best_model_path
     raw = torch.load(path, map_location="cpu", weights_only=True)
     hp = raw["hyper_parameters"]
@@ -244,13 +251,20 @@ def test_ipu_rules_hold_in_the_steps(synthetic_small_h5, monkeypatch):
     assert len(model._step_values["train"]["loss"]) == 1
 
 
-def test_measure_response_reads_uncalibrated_predictions_over_the_loader():
-    """measure_response fits prediction on truth over every batch and stores it in the transform."""
+def test_calibrate_fits_response_then_sigma_scale_over_the_loader():
+    """calibrate fits prediction on truth over every batch, then the factor on sigma that makes the
+    response-calibrated intervals cover as they claim, and stores both in the transform."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from cosmolit.models.targets import TargetTransform, measure_response
+    from cosmolit.models.targets import TargetTransform, calibrate
 
-    class Linear(torch.nn.Module):  # "images" are the truth itself; predictions 0.7 y + 0.02 before calibration
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(4000, 2, generator=gen) * 0.3
+    noise = torch.randn(4000, 2, generator=gen) * 0.1  # true scatter of the (calibrated) estimate
+
+    class Fake(torch.nn.Module):
+        # e1: unbiased, claims sigma 0.2 (twice too wide); e2: mean 0.7 (y + noise) + 0.02 claiming
+        # 0.7 x 0.05 (after removing the response: 0.05, half the true 0.1)
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(()))
@@ -258,11 +272,49 @@ def test_measure_response_reads_uncalibrated_predictions_over_the_loader():
 
         def estimate(self, x, calibrated=True):
             assert not calibrated and not self.training
-            return {"mean": 0.7 * x + 0.02 + self.w}
+            t, n = x[:, :2], x[:, 2:]
+            mean = torch.stack([t[:, 0] + n[:, 0], 0.7 * (t[:, 1] + n[:, 1]) + 0.02], -1) + self.w
+            cov = torch.diag_embed(torch.tensor([0.2, 0.7 * 0.05]).expand(len(x), 2) ** 2)
+            return {"mean": mean, "cov": cov}
 
-    y = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
-    model = Linear().train()
-    got = measure_response(model, DataLoader(TensorDataset(y, y), batch_size=64), progress=False)
+    model = Fake().train()
+    got = calibrate(model, DataLoader(TensorDataset(torch.cat([y, noise], 1), y), batch_size=64), progress=False)
     assert model.training  # mode restored
-    assert set(got) == {"e2"} and got["e2"]["slope"] == pytest.approx(0.7) and got["e2"]["intercept"] == pytest.approx(0.02)
-    assert torch.allclose(model.target_transform.response, torch.tensor([[1.0, 0.0], [0.7, 0.02]]))
+    assert set(got["response"]) == {"e2"}
+    assert got["response"]["e2"]["slope"] == pytest.approx(0.7, abs=0.03)
+    assert got["response"]["e2"]["intercept"] == pytest.approx(0.02, abs=0.005)
+    assert got["sigma_scale"]["e1"] == pytest.approx(0.5, rel=0.05)
+    assert got["sigma_scale"]["e2"] == pytest.approx(2.0, rel=0.05)
+    tt = model.target_transform
+    assert tt.sigma_scales() == pytest.approx(got["sigma_scale"])
+    # applied: covariances D C D, scale_tril rows times the factors
+    cov = torch.eye(2).expand(3, 2, 2)
+    assert torch.allclose(torch.diagonal(tt.scale_cov(cov), dim1=-2, dim2=-1), tt.sigma_scale.expand(3, 2) ** 2)
+    _, L = tt.to_physical(torch.zeros(1, 2), torch.eye(2).unsqueeze(0))
+    assert torch.allclose(torch.diagonal(L[0]), tt.sigma_scale / tt.response[:, 0])
+    _, L = tt.to_physical(torch.zeros(1, 2), torch.eye(2).unsqueeze(0), scale_sigma=False)
+    assert torch.allclose(torch.diagonal(L[0]), 1 / tt.response[:, 0])
+
+
+def test_sigma_scale_restores_nominal_coverage_and_loads_from_older_state():
+    """After fit_sigma_scale, the coverage of fresh Gaussian data at 68 % and 95 % is nominal;
+    a state dict written before sigma_scale existed still loads (factors of one)."""
+    from cosmolit.measure.calibration import coverage
+    from cosmolit.models.targets import TargetTransform
+
+    rng = np.random.default_rng(1)
+    truth, claimed = rng.normal(size=(5000, 1)), np.full((5000, 1), 0.4)
+    mean = truth + rng.normal(size=(5000, 1)) * 0.6  # the network says 0.4, the scatter is 0.6
+    tt = TargetTransform(["redshift"])
+    assert coverage(truth[:, 0], mean[:, 0], claimed[:, 0], 0.6827) < 0.55
+    (factor,) = tt.fit_sigma_scale(mean, claimed, truth).values()
+    assert factor == pytest.approx(1.5, rel=0.04)
+    fresh = rng.normal(size=(5000,))
+    fresh_mean = fresh + rng.normal(size=5000) * 0.6
+    sigma = np.full(5000, 0.4 * factor)
+    assert coverage(fresh, fresh_mean, sigma, 0.6827) == pytest.approx(0.6827, abs=0.025)
+    assert coverage(fresh, fresh_mean, sigma, 0.9545) == pytest.approx(0.9545, abs=0.015)
+    old = {k: v for k, v in tt.state_dict().items() if k != "sigma_scale"}
+    again = TargetTransform(["redshift"])
+    again.load_state_dict(old)  # strict: the missing buffer is filled in
+    assert again.sigma_scales() == {}

@@ -140,3 +140,73 @@ def test_missing_file_and_too_large_batch(synthetic_small_h5, tmp_path):
     dm = GalaxyDataModule(synthetic_small_h5, batch_size=64)
     with pytest.raises(UsageError, match="fewer than one batch"):
         dm.train_dataloader()
+
+
+def _moment_e(img):
+    """Distortion (e1, e2) of an image (H, W) from unweighted second moments about its centroid."""
+    h, w = img.shape
+    y, x = np.mgrid[:h, :w].astype(np.float64)
+    f = img.astype(np.float64)
+    cx, cy = (f * x).sum() / f.sum(), (f * y).sum() / f.sum()
+    ixx, iyy, ixy = ((f * (x - cx) ** 2).sum(), (f * (y - cy) ** 2).sum(), (f * (x - cx) * (y - cy)).sum())
+    return np.array([(ixx - iyy) / (ixx + iyy), 2 * ixy / (ixx + iyy)])
+
+
+def test_augmentation_applies_grid_symmetries_and_transforms_ellipticity_alike(synthetic_small_h5):
+    """Each of the 8 symmetries moves the pixels exactly, and the e1, e2 targets change sign as the
+    image's own measured ellipticity does; orientation-free targets stay; clean stamps follow x."""
+    from cosmolit.data import AUGMENT_GROUP, apply_symmetry
+
+    dm = GalaxyDataModule(synthetic_small_h5, targets=("e1", "e2", "redshift"), batch_size=4, seed=0,
+                          in_memory=True, augment=True)
+    dm.setup("fit")
+    vae_dm = GalaxyDataModule(synthetic_small_h5, targets=None, target_kind="clean", batch_size=4, seed=0,
+                              in_memory=True, augment=True)
+    vae_dm.setup("fit")
+    ds, vds = dm._train, vae_dm._train
+    pos = 3
+    (x0, y0), = ds.__getitems__([pos * AUGMENT_GROUP])  # g = 0: the stamp as stored
+    (_, c0), = vds.__getitems__([pos * AUGMENT_GROUP])
+    images, clean = _file_arrays(synthetic_small_h5)
+    assert np.array_equal(x0.numpy(), images[dm.train_index[pos]])
+    e0 = _moment_e(c0.numpy().sum(0))
+    assert np.all(np.abs(e0) > 1e-3)
+    seen = set()
+    for g in range(AUGMENT_GROUP):
+        (x, y), = ds.__getitems__([pos * AUGMENT_GROUP + g])
+        assert np.array_equal(x.numpy(), apply_symmetry(x0.numpy(), g))
+        (xv, c), = vds.__getitems__([pos * AUGMENT_GROUP + g])
+        assert np.array_equal(c.numpy(), apply_symmetry(c0.numpy(), g)) and torch.equal(xv, x)
+        e = _moment_e(c.numpy().sum(0))
+        assert np.allclose(np.abs(e), np.abs(e0), atol=1e-9)
+        assert np.array_equal(np.sign(y[:2].numpy()) * np.sign(y0[:2].numpy()), np.sign(e) * np.sign(e0))
+        assert torch.allclose(y[:2].abs(), y0[:2].abs()) and y[2] == y0[2]
+        seen.add(tuple(np.sign(e) * np.sign(e0)))
+    assert seen == {(1, 1), (1, -1), (-1, 1), (-1, -1)}
+    # the validation split is never augmented
+    xv0, _ = next(iter(dm.val_dataloader()))
+    assert np.array_equal(xv0.numpy(), images[dm.val_index[:4]])
+
+
+def test_augmented_batches_depend_only_on_seed_and_epoch(synthetic_small_h5):
+    kw = dict(targets=("e1", "e2"), batch_size=4, val_fraction=0.25, seed=7, augment=True)
+    ref = GalaxyDataModule(synthetic_small_h5, in_memory=True, **kw)
+    ref.setup("fit")
+    plain = GalaxyDataModule(synthetic_small_h5, in_memory=True, **{**kw, "augment": False})
+    plain.setup("fit")
+    expected = _epoch(ref)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(expected, _epoch(plain)))  # it does transform
+    dm = GalaxyDataModule(synthetic_small_h5, in_memory=False, num_workers=2, **kw)
+    dm.setup("fit")
+    got = _epoch(dm)
+    assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(got, expected))
+    ref.train_sampler.set_epoch(1)
+    assert not torch.equal(next(iter(ref.train_dataloader()))[0], expected[0][0])
+
+
+def test_augmentation_refuses_targets_it_cannot_transform(tmp_path):
+    from cosmolit.data import augment_signs
+
+    assert augment_signs(["e2", "redshift", "mag_i", "g1"]).tolist() == [[1, -1], [1, 1], [1, 1], [-1, 1]]
+    with pytest.raises(UsageError, match=r"augment: the targets \['nb0_dx'\].*data.augment: false"):
+        augment_signs(["e1", "nb0_dx"])

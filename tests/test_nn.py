@@ -137,3 +137,34 @@ def test_nll_uses_only_lowerable_ops():
         mean, L = head_to_gaussian(raw, 3)
         gaussian_nll(y, mean, L).mean()
     assert seen and not (seen - allowed), sorted(seen - allowed)
+
+
+def test_he_initialisation_keeps_the_signal_through_trunk_and_decoder():
+    """At initialisation the spread of features across different inputs stays of order one through
+    all eight trunk convolutions and the decoder (torch's default init shrank it ~1000x)."""
+    from cosmolit.nn.decoder import Decoder
+    from cosmolit.nn.trunk import Trunk, init_he_
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 6, 64, 64)
+    trunk = Trunk()
+    spreads = []
+    h = trunk.norm(x)
+    for layer in trunk.blocks:
+        h = layer(h)
+        if isinstance(layer, torch.nn.Conv2d):
+            spreads.append(float(h.std(0).mean()))
+    assert min(spreads) > 0.3, spreads
+    dec = Decoder()
+    out = dec(torch.randn(32, 32))
+    assert float(out.std(0).mean()) > 0.05
+    # biases start at zero; a stride-2 transposed convolution uses its average fan-in C_in k^2 / 4
+    assert all(float(m.bias.abs().max()) == 0 for m in trunk.blocks if isinstance(m, torch.nn.Conv2d))
+    tconv = init_he_(torch.nn.ConvTranspose2d(400, 8, 3, stride=2, padding=1, output_padding=1))
+    assert float(tconv.weight.std()) == pytest.approx((2 / (400 * 9 / 4)) ** 0.5, rel=0.05)
+    # without it (torch's default) the same trunk loses the signal: the test can tell the difference
+    plain = Trunk()
+    for m in plain.blocks:
+        if isinstance(m, torch.nn.Conv2d):
+            m.reset_parameters()
+    assert float(plain(x).std(0).mean()) < 0.1 * spreads[-1]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,8 +115,24 @@ def test_denoiser_target_is_the_clean_image(synthetic_small_h5):
     torch.manual_seed(3)
     mu, sigma = vae.encode(x)
     pred = vae.decoder(mu + sigma * torch.randn_like(mu))
-    ref = gaussian_nll(vae.normalise(clean), pred, vae.log_sigma).mean()
+    target = vae.normalise(clean)
+    # recon_sigma "optimal" (default): each band's sigma is the RMS residual of the batch ...
+    rms = (target - pred).pow(2).mean(dim=(0, 2, 3)).sqrt()  # (C,)
+    ref = gaussian_nll(target, pred, rms.log()).mean()
     assert torch.allclose(denoise["rec"], ref, rtol=1e-5)
+    # ... which is the maximum-likelihood sigma: any other sigma gives a larger NLL
+    for factor in (0.8, 1.25):
+        assert gaussian_nll(target, pred, (rms * factor).log()).mean() > ref
+    # ... and held fixed in the gradient: d rec / d pred = (pred - target) / sigma^2 per pixel
+    pred_leaf = pred.detach().requires_grad_(True)
+    from cosmolit.models.vae import optimal_log_sigma
+
+    gaussian_nll(target, pred_leaf, optimal_log_sigma(target, pred_leaf)).sum().backward()
+    expected = (pred - target).detach() / rms.view(1, -1, 1, 1) ** 2
+    assert torch.allclose(pred_leaf.grad, expected, rtol=1e-4, atol=1e-6)
+    # a learned or fixed sigma is a parameter or buffer instead
+    assert isinstance(_vae(recon_sigma="learned").log_sigma, torch.nn.Parameter)
+    assert float(_vae(recon_sigma=0.5).log_sigma[0]) == pytest.approx(np.log(0.5))
     # a batch without a target trains an autoencoder
     assert vae._split((x,))[1] is x and vae._split(x)[1] is x and vae._split((x, clean))[1] is clean
 

@@ -120,7 +120,7 @@ def evaluate_cmd(
                 out, y, preds["mean"], preds["cov"], targets, truth,
                 (lambda: iter_images(data, 256)) if not no_hsm else None, info, kind,
                 epistemic_cov=preds.get("epistemic_cov"), hsm=not no_hsm, progress=progress,
-                response=net.target_transform.responses(),
+                response=net.target_transform.responses(), sigma_scale=net.target_transform.sigma_scales(),
             )
     except BaseException:
         if created:  # nothing half-written: drop the folder this run made

@@ -134,7 +134,8 @@ def _target_metrics(name: str, pred, true) -> dict:
 
 def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], truth: dict,
                     images, dataset_info, model_kind: str, epistemic_cov=None, hsm: bool = True,
-                    progress: bool = True, hsm_band: str | None = None, response: dict | None = None) -> dict:
+                    progress: bool = True, hsm_band: str | None = None, response: dict | None = None,
+                    sigma_scale: dict | None = None) -> dict:
     """Evaluate shape / redshift predictions; write metrics.json, report.md and PNGs into out_dir.
 
     y_true, mean: (N, T); cov: (N, T, T) predicted covariance (total for the BNN) or None;
@@ -143,7 +144,8 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
     (start, chunk) pairs), or None when hsm is False; dataset_info: cosmolit.dataset.DatasetInfo;
     model_kind: "cnn" | "bnn"; epistemic_cov: (N, T, T) or None; hsm_band: band HSM measures
     (default i, else r); response: {target: {slope, intercept}} the model removed from its
-    predictions (cosmolit.models.targets), recorded as is. Returns the metrics dict (as written,
+    predictions (cosmolit.models.targets) and sigma_scale: {target: factor} its uncertainty
+    calibration, both recorded as is. Returns the metrics dict (as written,
     NaN -> None).
     """
     from cosmolit.measure import plots
@@ -174,6 +176,7 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
         "targets": names,
         "ellipticity_convention": "distortion |e| = (a^2 - b^2)/(a^2 + b^2); e_obs = (1 + m) e_true + c",
         "response_calibration": dict(response or {}),
+        "uncertainty_calibration": dict(sigma_scale or {}),
     }
     for j, name in enumerate(names):
         metrics[name] = _target_metrics(name, mu[:, j], y[:, j])
@@ -301,7 +304,10 @@ def _shapes_report(m: dict, figures) -> str:
     for nm, r in (m.get("response_calibration") or {}).items():
         lines.append(f"- {nm}: the model removes the response 1 + m = {_fmt(r['slope'], '.4f')}, "
                      f"c = {_fmt(r['intercept'], '.5f')} that it measured on its validation split.")
-    if m.get("response_calibration"):
+    if m.get("uncertainty_calibration"):
+        lines.append("- uncertainty calibration (factor on each predicted sigma, fitted on the validation split): "
+                     + ", ".join(f"{nm} {_fmt(v, '.3f')}" for nm, v in m["uncertainty_calibration"].items()) + ".")
+    if m.get("response_calibration") or m.get("uncertainty_calibration"):
         lines.append("")
     for nm in names:
         if nm in ELLIPTICITY:

@@ -12,7 +12,9 @@
   loss (`step_output`); per-step `self.log` happens only off the IPU; the detached step losses
   are gathered in the batch-end hooks and their means logged in the epoch-end hooks as
   `train_loss_epoch` and `val_loss` (ModelCheckpoint and EarlyStopping monitor `val_loss`), plus
-  `train_<part>_epoch` / `val_<part>` for the extra terms a model reports (nll, kl, rec...).
+  `train_<part>_epoch` / `val_<part>` for the extra terms a model reports (nll, kl, rec, mse...).
+  `monitor` names the metric that picks best.ckpt and early stopping (`val_loss` unless a model
+  says otherwise; always `val_loss` on the IPU).
 - One torch.optim.Adam (the IPU strategy takes exactly one torch optimizer).
 """
 
@@ -103,6 +105,8 @@ class CosmolitModule(pl.LightningModule):
             )
 
     # ------------------------------------------------------------------ logging
+    monitor = "val_loss"  # see the module docstring
+
     def step_output(self, stage: str, loss: torch.Tensor, **parts: torch.Tensor):
         """What a training / validation step returns: the loss, with its parts when not on an IPU.
 

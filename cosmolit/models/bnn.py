@@ -43,7 +43,8 @@ from torch.func import functional_call, vmap
 from cosmolit.backends import mark_loss
 from cosmolit.models.base import CosmolitModule, check_network_hparams
 from cosmolit.nn.bayes import MeanFieldWeights, build_shape_net, normal_kl_zero_mean, run_shape_net, strip_weights
-from cosmolit.models.targets import TargetTransform, check_shape_hparams, default_calibrate, shape_loss
+from cosmolit.models.targets import (TargetTransform, check_shape_hparams, default_calibrate, monitored_metric, shape_loss,
+                                     standardised_mse)
 from cosmolit.nn.gaussian import covariance
 
 DEFAULT_TARGETS = ("e1", "e2", "redshift")
@@ -181,8 +182,9 @@ class BayesianShapeCNN(CosmolitModule):
             pyro.sample(name, dist.Normal(loc, F.softplus(rho)).to_event(loc.dim()))
 
     def elbo_terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Graph-safe negative ELBO per sample: {'loss', 'nll', 'kl'}; loss = mean likelihood term
-        (standardised units, `loss` hyper-parameter) + KL / train_size."""
+        """Graph-safe negative ELBO per sample: {'loss', 'nll', 'kl', 'mse'}; loss = mean likelihood term
+        (standardised units, `loss` hyper-parameter) + KL / train_size; mse = squared error of the
+        draw's standardised means (no gradient)."""
         with pyro.validation_enabled(False):
             guide_trace = poutine.trace(self.guide).get_trace(x, y)
             model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x, y)
@@ -193,10 +195,15 @@ class BayesianShapeCNN(CosmolitModule):
         g = guide_trace.nodes
         kl = sum(kl_divergence(g[name]["fn"].base_dist, prior).sum() for name in self.site_names)  # ()
         mean, scale_tril, fixed = model_trace.nodes["_RETURN"]["value"]  # (B, T), (B, T, T), (B, T, T) | None
-        nll = shape_loss(self.hparams.loss, self.target_transform.standardise(y), mean, scale_tril, fixed).mean()
-        return {"loss": nll + kl / self.train_size, "nll": nll, "kl": kl}
+        y = self.target_transform.standardise(y)
+        nll = shape_loss(self.hparams.loss, y, mean, scale_tril, fixed).mean()
+        return {"loss": nll + kl / self.train_size, "nll": nll, "kl": kl, "mse": standardised_mse(y, mean)}
 
     # ---------------------------------------------------------------- Lightning
+    @property
+    def monitor(self) -> str:
+        return monitored_metric(self.hparams.loss)
+
     def forward(self, x: torch.Tensor, calibrated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """One posterior weight draw: (mean (B, T), scale_tril (B, T, T)) in the targets' units."""
         mean, scale_tril, _ = self._run_net(x, self.posterior.as_dict(self.posterior.rsample()))
@@ -213,12 +220,12 @@ class BayesianShapeCNN(CosmolitModule):
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, C, H, W), (B, T)
         terms = self.elbo_terms(x, y)
-        return self.step_output("train", mark_loss(self, terms["loss"]), nll=terms["nll"], kl=terms["kl"])
+        return self.step_output("train", mark_loss(self, terms["loss"]), nll=terms["nll"], kl=terms["kl"], mse=terms["mse"])
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         terms = self.elbo_terms(x, y)
-        return self.step_output("val", terms["loss"], nll=terms["nll"], kl=terms["kl"])
+        return self.step_output("val", terms["loss"], nll=terms["nll"], kl=terms["kl"], mse=terms["mse"])
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -240,7 +247,7 @@ class BayesianShapeCNN(CosmolitModule):
         GPUs, one pass per draw on CPUs, where grouped convolutions are slower than plain ones and
         drawing the weights (1.2 M normals per draw) costs about as much as a pass at small batch.
         `seed` makes the draws reproducible; the draws do not depend on `vectorise` or the chunking.
-        Outputs are in the targets' units, calibrated unless `calibrated` is False.
+        Outputs are in the targets' units, calibrated (response and uncertainty) unless `calibrated` is False.
         BatchNorm uses its running statistics (eval mode) whatever the module's mode.
         """
         samples = int(self.hparams.samples if samples is None else samples)
@@ -268,7 +275,7 @@ class BayesianShapeCNN(CosmolitModule):
                 else:
                     mean, scale_tril = functional_call(self.net, {k: w[0] for k, w in draws.items()}, (xn,))
                     mean, scale_tril = mean.unsqueeze(0), scale_tril.unsqueeze(0)  # (1, B, T), (1, B, T, T)
-                mean, scale_tril = self.target_transform.to_physical(mean, scale_tril, calibrated)
+                mean, scale_tril = self.target_transform.to_physical(mean, scale_tril, calibrated, scale_sigma=False)
                 means.append(mean)
                 covs.append(covariance(scale_tril))  # (s, B, T, T)
                 done += s
@@ -279,5 +286,7 @@ class BayesianShapeCNN(CosmolitModule):
         mean = means.mean(0)  # (B, T)
         dev = means - mean  # (S, B, T)
         epistemic = torch.einsum("sbi,sbj->bij", dev, dev) / max(samples - 1, 1)
+        if calibrated:  # the uncertainty calibration scales both parts alike
+            aleatoric, epistemic = self.target_transform.scale_cov(aleatoric), self.target_transform.scale_cov(epistemic)
         return {"mean": mean, "aleatoric_cov": aleatoric, "epistemic_cov": epistemic,
                 "total_cov": aleatoric + epistemic}

@@ -22,7 +22,8 @@ import torch
 from cosmolit.backends import mark_loss
 from cosmolit.errors import UsageError
 from cosmolit.models.base import CosmolitModule, check_network_hparams
-from cosmolit.models.targets import TargetTransform, check_shape_hparams, default_calibrate, shape_loss
+from cosmolit.models.targets import (TargetTransform, check_shape_hparams, default_calibrate, monitored_metric, shape_loss,
+                                     standardised_mse)
 from cosmolit.nn.gaussian import GaussianHead, covariance, head_to_gaussian
 from cosmolit.nn.trunk import Trunk
 
@@ -91,22 +92,35 @@ class ShapeCNN(CosmolitModule):
         mean, scale_tril = self(x, calibrated)
         return {"mean": mean, "cov": covariance(scale_tril)}
 
-    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Scalar loss for raw images x (B, C, H, W) and physical targets y (B, T), in standardised units."""
+    @property
+    def monitor(self) -> str:
+        return monitored_metric(self.hparams.loss)
+
+    def loss_terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{'loss', 'mse'} for raw images x (B, C, H, W) and physical targets y (B, T), in standardised
+        units: the training loss and the squared error of the means (no gradient)."""
         h = self.trunk(self.normalise(x))  # (B, F)
         mean, scale_tril = self.head(h)  # (B, T), (B, T, T)
         fixed = None
         if self.hparams.loss == "decoupled":
             _, fixed = head_to_gaussian(self.head.linear(h.detach()), self.n_targets)
-        return shape_loss(self.hparams.loss, self.target_transform.standardise(y), mean, scale_tril, fixed).mean()
+        y = self.target_transform.standardise(y)
+        return {"loss": shape_loss(self.hparams.loss, y, mean, scale_tril, fixed).mean(),
+                "mse": standardised_mse(y, mean)}
+
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Scalar training loss (see loss_terms)."""
+        return self.loss_terms(x, y)["loss"]
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, C, H, W), (B, T)
-        return self.step_output("train", mark_loss(self, self.compute_loss(x, y)))
+        terms = self.loss_terms(x, y)
+        return self.step_output("train", mark_loss(self, terms["loss"]), mse=terms["mse"])
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        return self.step_output("val", self.compute_loss(x, y))
+        terms = self.loss_terms(x, y)
+        return self.step_output("val", terms["loss"], mse=terms["mse"])
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cosmolit.nn.trunk import he_normal_
+
 BAYES_LAYERS = (nn.Conv2d, nn.Linear)
 
 
@@ -58,13 +60,6 @@ def normal_kl_zero_mean(loc: torch.Tensor, scale: torch.Tensor, prior_scale) -> 
     else:
         c, const = 0.5 / float(prior_scale) ** 2, math.log(float(prior_scale)) - 0.5
     return torch.addcmul(loc * loc, scale, scale) * c - torch.log(scale) + const
-
-
-def he_normal_(t: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """He-normal (fan-in, gain sqrt 2) initialisation in place, as Keras' he_normal (untruncated)."""
-    fan_in = t[0].numel()
-    with torch.no_grad():
-        return t.normal_(0.0, math.sqrt(2.0 / fan_in), generator=generator)
 
 
 class MeanFieldWeights(nn.Module):

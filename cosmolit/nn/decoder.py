@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cosmolit.errors import UsageError
-from cosmolit.nn.trunk import PRELU_KINDS, make_prelu
+from cosmolit.nn.trunk import PRELU_KINDS, init_he_, make_prelu
 
 
 class Decoder(nn.Module):
@@ -60,6 +60,8 @@ class Decoder(nn.Module):
             c_in = f
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Conv2d(c_in, out_channels, 3, padding=1)
+        init_he_(self.dense)
+        init_he_(self.blocks)  # the head keeps torch's default (small outputs at the start)
 
     def forward(self, z: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """z (B, L) -> (B, C, stamp, stamp). channels_last=True runs the convolutions in NHWC memory

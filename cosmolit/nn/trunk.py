@@ -22,7 +22,8 @@ so a Bayesian version can replace the conv weights (cosmolit.nn.bayes, Pyro's to
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,39 @@ class ElementwisePReLU(nn.Module):
         return f"shape={self.shape}"
 
 
+def he_normal_(t: torch.Tensor, generator: Optional[torch.Generator] = None,
+               fan_in: Optional[float] = None) -> torch.Tensor:
+    """He-normal initialisation in place (gain sqrt 2, untruncated, as Keras' he_normal); fan_in
+    defaults to the number of entries per output unit (t[0].numel(): in_features, C_in k^2)."""
+    fan_in = t[0].numel() if fan_in is None else fan_in
+    with torch.no_grad():
+        return t.normal_(0.0, math.sqrt(2.0 / fan_in), generator=generator)
+
+
+def init_he_(module: nn.Module) -> nn.Module:
+    """He-normal weights and zero biases for every Linear, Conv2d and ConvTranspose2d of `module`.
+
+    Why: torch's default (uniform, variance 1 / (3 fan_in)) shrinks the signal at every layer;
+    measured on 64 LSST-like stamps at initialisation, the spread across galaxies of the trunk's
+    features fell from 0.55 after the first convolution to 8e-4 after the eighth, the VAE's
+    latent means varied by 1.5e-4 against a posterior sigma of 0.69, and its decoder's output
+    by 4e-9: the networks start blind to their input. With He-normal the spread stays of order
+    0.1 to 1 through every layer. A transposed convolution of stride s feeds each output pixel
+    from C_in k^2 / s^2 weights on average, which is its fan-in here.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.ConvTranspose2d):
+            k = m.kernel_size[0] * m.kernel_size[1]
+            he_normal_(m.weight, fan_in=m.in_channels * k / (m.stride[0] * m.stride[1]))
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            he_normal_(m.weight)
+        else:
+            continue
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    return module
+
+
 def make_prelu(kind: str, shape: tuple[int, ...]) -> nn.Module:
     """PReLU of `kind`: "element" (one slope per element of shape) or "channel" (per channel, shape[0])."""
     if kind == "element":
@@ -102,7 +136,7 @@ class Trunk(nn.Module):
             size //= 2
             layers += [nn.Conv2d(f, f, 3, stride=2, padding=1), make_prelu(prelu, (f, size, size))]
             c_in = f
-        self.blocks = nn.Sequential(*layers)
+        self.blocks = init_he_(nn.Sequential(*layers))
         self.out_size = size
         self.out_features = filters[-1] * size * size
 
