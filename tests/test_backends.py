@@ -139,3 +139,29 @@ def test_ipu_bench_script_dry_run(capsys):
     assert bench.main(["--dry-run", "--models", "vit"]) == 2
     assert "unknown 'vit'" in capsys.readouterr().err
     assert bench.main(["--dry-run", "--epochs", "1"]) == 2
+
+
+def test_make_adam_is_fused_off_the_ipu_where_torch_has_it_and_plain_on_the_ipu(monkeypatch):
+    import torch
+
+    import cosmolit.backends as backends
+
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    opt = backends.make_adam(params, 0.01)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["lr"] == 0.01
+    try:
+        torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], fused=True)
+        has_fused = True
+    except RuntimeError:
+        has_fused = False
+    assert bool(opt.defaults.get("fused")) is has_fused
+    monkeypatch.setattr(backends, "on_ipu", lambda module: True)
+    assert not backends.make_adam(params, 0.01, module=object()).defaults.get("fused")
+    # same mathematics: one step of each from the same gradients lands on the same values
+    a = [p.detach().clone().requires_grad_(True) for p in params]
+    b = [p.detach().clone().requires_grad_(True) for p in params]
+    for group, opt in ((a, backends.make_adam(a, 0.01)), (b, torch.optim.Adam(b, lr=0.01))):
+        for p in group:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))

@@ -38,9 +38,14 @@ def test_prelu_matches_the_where_formulation_values_and_gradients(fused, monkeyp
     # per-channel slopes broadcast over H, W
     pc = ElementwisePReLU((4, 1, 1), init=0.1)
     assert torch.allclose(pc(-torch.ones(2, 4, 3, 3)), torch.full((2, 4, 3, 3), -0.1))
-    # channels_last inputs give the same values
-    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(p(x_cl), y.detach())
+    # channels_last inputs (slopes laid out alike on the fly) give the same values and gradients
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    p.weight.grad = None
+    y_cl = p(x_cl)
+    assert torch.allclose(y_cl, y.detach())
+    (y_cl * g).sum().backward()
+    assert torch.allclose(x_cl.grad, x.grad) and torch.allclose(p.weight.grad, ref_w.grad)
+    assert p.weight.grad.shape == (4, 5, 5)
 
 
 @pytest.mark.parametrize("prelu", ["element", "channel"])

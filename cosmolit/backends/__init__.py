@@ -47,11 +47,31 @@ def mark_loss(module, loss):
     return loss
 
 
+def make_adam(params, lr: float, module=None):
+    """torch.optim.Adam over `params`, fused (one kernel for every tensor) where torch has it for
+    the parameters' device (CPU since torch 2.4, CUDA); the plain form when `module` runs on an
+    IPU (PopTorch converts torch's Adam itself) or where torch has no fused kernel (the pinned
+    IPU stack's torch 2.0 on CPU). Same mathematics either way. Measured on the shape CNN's
+    1.5 M parameters (28 tensors), one thread: 1.2 ms per step fused against 5.1 ms for the
+    default per-tensor loop (5.3 ms foreach), which at batch 2 is a quarter of a training step.
+    """
+    import torch
+
+    params = list(params)
+    if module is None or not on_ipu(module):
+        try:
+            return torch.optim.Adam(params, lr=lr, fused=True)
+        except (RuntimeError, ValueError):  # no fused kernel for this device in this torch
+            pass
+    return torch.optim.Adam(params, lr=lr)
+
+
 __all__ = [
     "ACCELERATORS",
     "IPUOptions",
     "check_ipu_stack",
     "is_ipu_stack",
+    "make_adam",
     "mark_loss",
     "on_ipu",
     "poptorch_available",

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from cosmolit.backends import make_adam
 from cosmolit.errors import UsageError
 
 
@@ -198,7 +199,7 @@ def pyro_overhead(cfg: OverheadConfig, device, echo, factory: Optional[Callable]
                                     prelu=hp.get("prelu", "element"), targets=len(hp.get("targets", "abc")),
                                     train_size=int(hp.get("train_size", 8000)), seed=cfg.seed,
                                     loss=hp.get("loss", "decoupled")).to(device).train()
-        opt = torch.optim.Adam(net.parameters(), lr=float(hp.get("lr", 1e-3)))
+        opt = make_adam(net.parameters(), float(hp.get("lr", 1e-3)))  # as the Pyro model's configure_optimizers
         # same input normalisation as the Pyro model, inside the timed step
         return (lambda xb, yb: net.loss(pyro_model.normalise(xb), yb)), opt
 

@@ -15,7 +15,8 @@
   `train_<part>_epoch` / `val_<part>` for the extra terms a model reports (nll, kl, rec, mse...).
   `monitor` names the metric that picks best.ckpt and early stopping (`val_loss` unless a model
   says otherwise; always `val_loss` on the IPU).
-- One torch.optim.Adam (the IPU strategy takes exactly one torch optimizer).
+- One torch.optim.Adam (the IPU strategy takes exactly one torch optimizer), fused off the IPU
+  where torch has the kernel (`cosmolit.backends.make_adam`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 import pytorch_lightning as pl
 import torch
 
-from cosmolit.backends import on_ipu
+from cosmolit.backends import make_adam, on_ipu
 from cosmolit.errors import UsageError
 from cosmolit.nn.trunk import PRELU_KINDS
 
@@ -162,4 +163,4 @@ class CosmolitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=float(self.hparams.get("lr", 1e-3)))
+        return make_adam(self.parameters(), float(self.hparams.get("lr", 1e-3)), self)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosmolit.backends import mark_loss
+from cosmolit.backends import make_adam, mark_loss
 from cosmolit.errors import UsageError
 from cosmolit.models.base import CosmolitModule, check_network_hparams
 from cosmolit.models.flow import LatentFlow
@@ -240,7 +240,7 @@ class GalaxyVAE(CosmolitModule):
     def configure_optimizers(self):
         # The flow is fitted separately (fit_flow); it is not part of the VAE's optimizer.
         params = [p for name, p in self.named_parameters() if not name.startswith("flow.")]
-        return torch.optim.Adam(params, lr=float(self.hparams.lr))
+        return make_adam(params, float(self.hparams.lr), self)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
