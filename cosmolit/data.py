@@ -88,14 +88,15 @@ _INVARIANT = re.compile(r"(redshift|mag_\w+|hlr|bulge_frac|snr|sed_type|catalog_
                         r"blendedness|nb\d+_mag_\w+)$")
 
 
-def augment_signs(targets: Sequence[str]) -> np.ndarray:
-    """(T, 2) sign of each truth target under a transpose and under one flip; UsageError for a
-    target whose behaviour under the grid's symmetries is not known (e.g. neighbour offsets)."""
+def augment_signs(targets: Sequence[str], setting: str = "data.augment") -> np.ndarray:
+    """(T, 2) sign of each truth target under a transpose and under one flip; UsageError naming
+    `setting` for a target whose behaviour under the grid's symmetries is not known (e.g.
+    neighbour offsets)."""
     unknown = [t for t in targets if t not in SPIN2_SIGNS and not _INVARIANT.match(t)]
     if unknown:
-        raise UsageError(f"augment: the targets {unknown} may change under rotations and flips of the stamp in a "
-                         f"way cosmolit does not know (it knows e1, e2, g1, g2 and orientation-free columns such "
-                         f"as redshift, magnitudes, hlr); set data.augment: false")
+        raise UsageError(f"{setting.split('.')[-1]}: the targets {unknown} may change under rotations and flips of "
+                         f"the stamp in a way cosmolit does not know (it knows e1, e2, g1, g2 and orientation-free "
+                         f"columns such as redshift, magnitudes, hlr); set {setting}: false")
     return np.array([SPIN2_SIGNS.get(t, (1.0, 1.0)) for t in targets], dtype=np.float32).reshape(len(targets), 2)
 
 

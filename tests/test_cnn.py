@@ -287,13 +287,14 @@ def test_calibrate_fits_response_then_sigma_scale_over_the_loader():
     assert got["sigma_scale"]["e2"] == pytest.approx(2.0, rel=0.05)
     tt = model.target_transform
     assert tt.sigma_scales() == pytest.approx(got["sigma_scale"])
-    # applied: covariances D C D, scale_tril rows times the factors
-    cov = torch.eye(2).expand(3, 2, 2)
-    assert torch.allclose(torch.diagonal(tt.scale_cov(cov), dim1=-2, dim2=-1), tt.sigma_scale.expand(3, 2) ** 2)
-    _, L = tt.to_physical(torch.zeros(1, 2), torch.eye(2).unsqueeze(0))
-    assert torch.allclose(torch.diagonal(L[0]), tt.sigma_scale / tt.response[:, 0])
-    _, L = tt.to_physical(torch.zeros(1, 2), torch.eye(2).unsqueeze(0), scale_sigma=False)
-    assert torch.allclose(torch.diagonal(L[0]), 1 / tt.response[:, 0])
+    # applied: scale_tril rows times factor / slope; moments alike (D C D), the same either way
+    d = tt.sigma_scale / tt.response[:, 0]
+    mean0, L0 = torch.tensor([[0.3, -0.2]]), torch.tensor([[[1.0, 0.0], [0.5, 2.0]]])
+    mean, L = tt.to_physical(mean0, L0)
+    assert torch.allclose(torch.diagonal(L[0]), torch.diagonal(L0[0]) * d)
+    m2, c2 = tt.calibrate_moments(*tt.to_physical(mean0, L0, calibrated=False)[:1], L0 @ L0.transpose(-1, -2))
+    assert torch.allclose(m2, mean) and torch.allclose(c2, L @ L.transpose(-1, -2))
+    assert torch.allclose(mean[0, 1], (mean0[0, 1] - tt.response[1, 1]) / tt.response[1, 0])
 
 
 def test_sigma_scale_restores_nominal_coverage_and_loads_from_older_state():
@@ -318,3 +319,50 @@ def test_sigma_scale_restores_nominal_coverage_and_loads_from_older_state():
     again = TargetTransform(["redshift"])
     again.load_state_dict(old)  # strict: the missing buffer is filled in
     assert again.sigma_scales() == {}
+
+
+def test_symmetrised_estimate_is_exactly_equivariant(synthetic_small_h5):
+    """With symmetrise, predicting a flipped or rotated stamp gives the stamp's own estimate with
+    e1, e2 turned (signs from the spin-2 rule) and redshift unchanged; without, it does not."""
+    from cosmolit.models.cnn import ShapeCNN
+    from cosmolit.models.targets import transform_images
+
+    _, x, _ = _batch(synthetic_small_h5)
+    torch.manual_seed(0)
+    sym = ShapeCNN(symmetrise=True, target_stats=[[0.01, 0.3], [-0.02, 0.3], [0.8, 0.4]], **SMALL).eval()
+    plain = ShapeCNN(target_stats=[[0.01, 0.3], [-0.02, 0.3], [0.8, 0.4]], **SMALL).eval()
+    plain.load_state_dict(sym.state_dict())
+    tt = sym.target_transform
+    with torch.no_grad():
+        ref = sym.estimate(x, calibrated=False)
+        for g in (1, 2, 3, 4, 5, 7):
+            s = tt.symmetry_signs(g)
+            got = sym.estimate(transform_images(x, g).contiguous(), calibrated=False)
+            assert torch.allclose(got["mean"] * s, ref["mean"], atol=1e-5), g
+            assert torch.allclose(got["cov"] * s.unsqueeze(-1) * s, ref["cov"], atol=1e-6), g
+        assert tt.symmetry_signs(4).tolist() == [-1, 1, 1] and tt.symmetry_signs(1).tolist() == [1, -1, 1]
+        assert tt.symmetry_signs(3).tolist() == [1, 1, 1]  # a half turn leaves spin-2 quantities alone
+        # the plain network is not equivariant, so the check above can fail
+        a, b = plain.estimate(x, calibrated=False), plain.estimate(transform_images(x, 4).contiguous(), calibrated=False)
+        assert not torch.allclose(b["mean"] * tt.symmetry_signs(4), a["mean"], atol=1e-5)
+        # the symmetrised estimate is the mean of the eight turned-back plain estimates
+        means = [plain.estimate(transform_images(x, g), calibrated=False)["mean"] * tt.symmetry_signs(g) for g in range(8)]
+        assert torch.allclose(torch.stack(means).mean(0), ref["mean"], atol=1e-6)
+    # a target without a known symmetry cannot be symmetrised
+    with pytest.raises(UsageError, match="symmetrise: the targets \\['nb0_dx'\\]"):
+        ShapeCNN(symmetrise=True, targets=("e1", "nb0_dx"), **SMALL)
+
+
+def test_symmetrised_response_of_spin2_targets_goes_through_the_origin():
+    from cosmolit.models.targets import TargetTransform
+
+    rng = np.random.default_rng(4)
+    truth = np.stack([rng.normal(0, 0.3, 500), rng.uniform(0.2, 2.0, 500)], 1)
+    pred = 0.7 * truth + np.array([0.02, 0.1]) + rng.normal(0, 0.05, (500, 2))
+    sym = TargetTransform(["e1", "redshift"], calibrate=["e1", "redshift"], symmetrise=True)
+    got = sym.fit_response(pred, truth)
+    assert got["e1"]["intercept"] == 0.0
+    assert got["e1"]["slope"] == pytest.approx(float(truth[:, 0] @ pred[:, 0] / (truth[:, 0] @ truth[:, 0])))
+    assert got["redshift"]["intercept"] == pytest.approx(0.1, abs=0.02)  # not spin-2: a free line
+    free = TargetTransform(["e1", "redshift"], calibrate=["e1"]).fit_response(pred, truth)
+    assert free["e1"]["intercept"] == pytest.approx(0.02, abs=0.01)

@@ -43,8 +43,8 @@ from torch.func import functional_call, vmap
 from cosmolit.backends import mark_loss
 from cosmolit.models.base import CosmolitModule, check_network_hparams
 from cosmolit.nn.bayes import MeanFieldWeights, build_shape_net, normal_kl_zero_mean, run_shape_net, strip_weights
-from cosmolit.models.targets import (TargetTransform, check_shape_hparams, default_calibrate, monitored_metric, shape_loss,
-                                     standardised_mse)
+from cosmolit.models.targets import (N_SYMMETRIES, TargetTransform, check_shape_hparams, default_calibrate,
+                                     monitored_metric, shape_loss, standardised_mse, transform_images)
 from cosmolit.nn.gaussian import covariance
 
 DEFAULT_TARGETS = ("e1", "e2", "redshift")
@@ -79,6 +79,7 @@ class BayesianShapeCNNConfig:
     samples: int = 100
     loss: str = "decoupled"
     calibrate: Optional[tuple[str, ...]] = None  # None: e1, e2 when among the targets
+    symmetrise: bool = False
 
     def __post_init__(self):
         if self.calibrate is None:
@@ -123,6 +124,7 @@ class BayesianShapeCNN(CosmolitModule):
         loss: str = "decoupled",
         calibrate: Optional[Sequence[str]] = None,
         target_stats: Optional[Sequence] = None,
+        symmetrise: bool = False,
         bands: str = "ugrizy",
         stamp: int = 64,
         normalisation: Optional[Sequence] = None,
@@ -150,7 +152,7 @@ class BayesianShapeCNN(CosmolitModule):
         self.site_names = [f"{name}.weight" for name, _ in sites]  # Pyro site = functional_call key
         self._site_shapes = [tuple(shape) for _, shape in sites]
         self._priors = None  # cached prior distributions, per (device, dtype)
-        self.target_transform = TargetTransform(targets, target_stats, calibrate)
+        self.target_transform = TargetTransform(targets, target_stats, calibrate, symmetrise)
 
     # ---------------------------------------------------------------- Pyro model and guide
     def _prior_dists(self, like: torch.Tensor) -> tuple:
@@ -248,6 +250,8 @@ class BayesianShapeCNN(CosmolitModule):
         drawing the weights (1.2 M normals per draw) costs about as much as a pass at small batch.
         `seed` makes the draws reproducible; the draws do not depend on `vectorise` or the chunking.
         Outputs are in the targets' units, calibrated (response and uncertainty) unless `calibrated` is False.
+        With the `symmetrise` hyper-parameter draw s sees the stamp under grid symmetry s mod 8
+        and its answer is turned back (cosmolit.models.targets, "Symmetrised prediction").
         BatchNorm uses its running statistics (eval mode) whatever the module's mode.
         """
         samples = int(self.hparams.samples if samples is None else samples)
@@ -262,6 +266,9 @@ class BayesianShapeCNN(CosmolitModule):
             gen = torch.Generator(device=self.posterior.loc[0].device).manual_seed(int(seed))
         xn = self.normalise(x)  # (B, C, H, W)
         chunk = max(1, min(samples, max_draws, max_pairs // max(1, x.shape[0]))) if vectorise else 1
+        tt = self.target_transform
+        n_sym = N_SYMMETRIES if self.hparams.get("symmetrise", False) else 1
+        views = [transform_images(xn, g) for g in range(n_sym)]  # draw s sees views[s % n_sym]
         was_training = self.net.training
         self.net.eval()
         try:
@@ -270,14 +277,19 @@ class BayesianShapeCNN(CosmolitModule):
             while done < samples:
                 s = min(chunk, samples - done)
                 draws = self.posterior.as_dict(self.posterior.rsample(samples=s, generator=gen, detach=True))
-                if vectorise:
+                sym = [(done + k) % n_sym for k in range(s)]
+                if vectorise and n_sym == 1:
                     mean, scale_tril = vmap(lambda w: functional_call(self.net, w, (xn,)))(draws)  # (s, B, T), (s, B, T, T)
+                elif vectorise:
+                    xs = torch.stack([views[g] for g in sym])  # (s, B, C, H, W)
+                    mean, scale_tril = vmap(lambda w, xi: functional_call(self.net, w, (xi,)))(draws, xs)
                 else:
-                    mean, scale_tril = functional_call(self.net, {k: w[0] for k, w in draws.items()}, (xn,))
+                    mean, scale_tril = functional_call(self.net, {k: w[0] for k, w in draws.items()}, (views[sym[0]],))
                     mean, scale_tril = mean.unsqueeze(0), scale_tril.unsqueeze(0)  # (1, B, T), (1, B, T, T)
-                mean, scale_tril = self.target_transform.to_physical(mean, scale_tril, calibrated, scale_sigma=False)
-                means.append(mean)
-                covs.append(covariance(scale_tril))  # (s, B, T, T)
+                mean, scale_tril = tt.to_physical(mean, scale_tril, calibrated=False)
+                sign = torch.stack([tt.symmetry_signs(g) for g in sym]).to(mean.dtype).unsqueeze(1)  # (s, 1, T)
+                means.append(mean * sign)
+                covs.append(covariance(scale_tril) * sign.unsqueeze(-1) * sign.unsqueeze(-2))  # (s, B, T, T)
                 done += s
         finally:
             self.net.train(was_training)
@@ -286,7 +298,7 @@ class BayesianShapeCNN(CosmolitModule):
         mean = means.mean(0)  # (B, T)
         dev = means - mean  # (S, B, T)
         epistemic = torch.einsum("sbi,sbj->bij", dev, dev) / max(samples - 1, 1)
-        if calibrated:  # the uncertainty calibration scales both parts alike
-            aleatoric, epistemic = self.target_transform.scale_cov(aleatoric), self.target_transform.scale_cov(epistemic)
+        if calibrated:
+            mean, aleatoric, epistemic = tt.calibrate_moments(mean, aleatoric, epistemic)
         return {"mean": mean, "aleatoric_cov": aleatoric, "epistemic_cov": epistemic,
                 "total_cov": aleatoric + epistemic}

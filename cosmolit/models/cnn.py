@@ -22,8 +22,8 @@ import torch
 from cosmolit.backends import mark_loss
 from cosmolit.errors import UsageError
 from cosmolit.models.base import CosmolitModule, check_network_hparams
-from cosmolit.models.targets import (TargetTransform, check_shape_hparams, default_calibrate, monitored_metric, shape_loss,
-                                     standardised_mse)
+from cosmolit.models.targets import (N_SYMMETRIES, TargetTransform, check_shape_hparams, default_calibrate,
+                                     monitored_metric, shape_loss, standardised_mse, transform_images)
 from cosmolit.nn.gaussian import GaussianHead, covariance, head_to_gaussian
 from cosmolit.nn.trunk import Trunk
 
@@ -45,6 +45,7 @@ class ShapeCNNConfig:
     loss: str = "decoupled"
     lr: float = 1e-3
     calibrate: Optional[tuple[str, ...]] = None  # None: e1, e2 when among the targets
+    symmetrise: bool = False
 
     def __post_init__(self):
         if self.calibrate is None:
@@ -67,6 +68,7 @@ class ShapeCNN(CosmolitModule):
         lr: float = 1e-3,
         calibrate: Optional[Sequence[str]] = None,
         target_stats: Optional[Sequence] = None,
+        symmetrise: bool = False,
         provenance: Optional[dict] = None,
     ):
         targets, filters = [str(t) for t in targets], [int(f) for f in filters]
@@ -80,7 +82,7 @@ class ShapeCNN(CosmolitModule):
         self.n_targets = len(targets)
         self.trunk = Trunk(in_channels=len(bands), stamp=int(stamp), filters=tuple(filters), prelu=prelu)
         self.head = GaussianHead(self.trunk.out_features, self.n_targets)
-        self.target_transform = TargetTransform(targets, target_stats, calibrate)
+        self.target_transform = TargetTransform(targets, target_stats, calibrate, symmetrise)
 
     def forward(self, x: torch.Tensor, calibrated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) raw electrons -> (mean (B, T), scale_tril (B, T, T)) in the targets' units."""
@@ -88,9 +90,21 @@ class ShapeCNN(CosmolitModule):
         return self.target_transform.to_physical(mean, scale_tril, calibrated)
 
     def estimate(self, x: torch.Tensor, calibrated: bool = True) -> dict[str, torch.Tensor]:
-        """Predictions for raw images x: {'mean' (B, T), 'cov' (B, T, T)}."""
-        mean, scale_tril = self(x, calibrated)
-        return {"mean": mean, "cov": covariance(scale_tril)}
+        """Predictions for raw images x: {'mean' (B, T), 'cov' (B, T, T)}; with the `symmetrise`
+        hyper-parameter, averaged over the 8 grid symmetries (cosmolit.models.targets)."""
+        if not self.hparams.get("symmetrise", False):
+            mean, scale_tril = self(x, calibrated)
+            return {"mean": mean, "cov": covariance(scale_tril)}
+        tt, xn = self.target_transform, self.normalise(x)
+        mean, cov = 0.0, 0.0
+        for g in range(N_SYMMETRIES):
+            m, scale_tril = tt.to_physical(*self.head(self.trunk(transform_images(xn, g))), calibrated=False)
+            sign = tt.symmetry_signs(g).to(m.dtype)  # (T,)
+            mean = mean + m * sign / N_SYMMETRIES
+            cov = cov + covariance(scale_tril) * sign.unsqueeze(-1) * sign / N_SYMMETRIES
+        if calibrated:
+            mean, cov = tt.calibrate_moments(mean, cov)
+        return {"mean": mean, "cov": cov}
 
     @property
     def monitor(self) -> str:

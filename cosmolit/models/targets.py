@@ -35,6 +35,21 @@ Uncertainty calibration
     parts are scaled alike. Needed because the covariance head, trained on the training split,
     is over-confident or under-confident on new galaxies (the isolated CNN of session 2 had 68 %
     coverage 0.84, the BNN 0.78). Stored as the persistent buffer `sigma_scale` (T,).
+
+Symmetrised prediction (`symmetrise` hyper-parameter)
+    The sky has no preferred direction and cosmolit's stamps none either (round PSFs, square
+    pixels), so an estimate of e1, e2 should turn with the galaxy. A network learns this only
+    approximately; with `symmetrise` the model predicts each stamp under the eight symmetries of
+    the pixel grid (cosmolit.data's augmentation group), turns each answer back (e1 changes sign
+    under a transpose, e2 under one flip) and averages: the estimate is then exactly
+    equivariant, and an additive bias c cannot come from the network preferring a direction.
+    The CNN runs 8 passes; the BNN gives its weight draws the symmetries in turn (draw s sees
+    symmetry s mod 8, no extra pass; use a multiple of 8 draws), so the spread between
+    symmetries joins the epistemic covariance. Moments are averaged in physical units before
+    the calibration, which is then applied to the averaged moments; the response of e1, e2 is
+    then fitted through the origin (slope only): such an estimate has no intercept in
+    expectation, and fitting one adds the validation split's noise (about 0.003 for 2,000
+    galaxies) to c.
 """
 
 from __future__ import annotations
@@ -84,12 +99,37 @@ def check_target_stats(stats: Optional[Sequence], n_targets: int) -> tuple[list[
     return [o for o, _ in pairs], [s for _, s in pairs]
 
 
-class TargetTransform(nn.Module):
-    """Standardisation (from hyper-parameters) and response calibration (a saved buffer) of T targets."""
+N_SYMMETRIES = 8  # the dihedral group of the square pixel grid (cosmolit.data.AUGMENT_GROUP)
 
-    def __init__(self, targets: Sequence[str], stats: Optional[Sequence] = None, calibrate: Sequence[str] = ()):
+
+def transform_images(x: torch.Tensor, g: int) -> torch.Tensor:
+    """Symmetry g (0..7) of the pixel grid on (..., H, W): flip columns (bit 0), rows (bit 1),
+    then transpose (bit 2), as cosmolit.data.apply_symmetry."""
+    if g & 1:
+        x = torch.flip(x, (-1,))
+    if g & 2:
+        x = torch.flip(x, (-2,))
+    if g & 4:
+        x = x.transpose(-1, -2)
+    return x
+
+
+class TargetTransform(nn.Module):
+    """Standardisation (from hyper-parameters), response and uncertainty calibration (saved
+    buffers) and the symmetry signs of T targets."""
+
+    def __init__(self, targets: Sequence[str], stats: Optional[Sequence] = None, calibrate: Sequence[str] = (),
+                 symmetrise: bool = False):
         super().__init__()
         self.targets = [str(t) for t in targets]
+        self.symmetrise = bool(symmetrise)
+        if self.symmetrise:
+            from cosmolit.data import augment_signs
+
+            signs = torch.from_numpy(augment_signs(self.targets, "model.symmetrise"))  # (T, 2): under a transpose, under one flip
+        else:
+            signs = torch.ones(len(self.targets), 2)
+        self.register_buffer("signs", signs, persistent=False)
         offset, scale = check_target_stats(stats, len(self.targets))
         self.register_buffer("offset", torch.tensor(offset), persistent=False)  # (T,)
         self.register_buffer("scale", torch.tensor(scale), persistent=False)  # (T,)
@@ -108,25 +148,34 @@ class TargetTransform(nn.Module):
         """Physical targets (B, T) -> standardised (B, T)."""
         return (y - self.offset.to(y.dtype)) / self.scale.to(y.dtype)
 
-    def to_physical(self, mean: torch.Tensor, scale_tril: torch.Tensor, calibrated: bool = True,
-                    scale_sigma: bool = True):
+    def to_physical(self, mean: torch.Tensor, scale_tril: torch.Tensor, calibrated: bool = True):
         """Standardised (mean (..., T), L (..., T, T)) -> physical units; unless told not to, with the
-        response removed and (scale_sigma) the uncertainty calibration applied to L."""
+        response removed and the uncertainty calibration applied to L."""
         s = self.scale.to(mean.dtype)
         mean = mean * s + self.offset.to(mean.dtype)
         scale_tril = scale_tril * s.unsqueeze(-1)  # diag(s) L: row i times s_i
         if calibrated:
             slope, intercept = self.response[:, 0].to(mean.dtype), self.response[:, 1].to(mean.dtype)
             mean = (mean - intercept) / slope
-            scale_tril = scale_tril / slope.unsqueeze(-1)
-            if scale_sigma:
-                scale_tril = scale_tril * self.sigma_scale.to(mean.dtype).unsqueeze(-1)
+            scale_tril = scale_tril * (self.sigma_scale.to(mean.dtype) / slope).unsqueeze(-1)
         return mean, scale_tril
 
-    def scale_cov(self, cov: torch.Tensor) -> torch.Tensor:
-        """The uncertainty calibration of covariances (..., T, T): D C D with D = diag(sigma_scale)."""
-        d = self.sigma_scale.to(cov.dtype)
-        return cov * d.unsqueeze(-1) * d
+    def symmetry_signs(self, g: int) -> torch.Tensor:
+        """(T,) factors that turn the targets of a stamp seen under symmetry g back to the stamp's own."""
+        one_flip = bool(g & 1) != bool(g & 2)
+        out = torch.ones_like(self.signs[:, 0])
+        if g & 4:
+            out = out * self.signs[:, 0]
+        if one_flip:
+            out = out * self.signs[:, 1]
+        return out
+
+    def calibrate_moments(self, mean: torch.Tensor, *covs: torch.Tensor):
+        """Response and uncertainty calibration of physical moments: mean (..., T) -> (mean - c) / (1 + m),
+        each covariance (..., T, T) -> D C D with D = diag(sigma_scale / (1 + m)). Returns (mean, *covs)."""
+        slope, intercept = self.response[:, 0].to(mean.dtype), self.response[:, 1].to(mean.dtype)
+        d = self.sigma_scale.to(mean.dtype) / slope
+        return ((mean - intercept) / slope, *(c * d.unsqueeze(-1) * d for c in covs))
 
     def apply_response(self, mean: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Uncalibrated physical means and marginal sigmas (N, T) with the stored response removed."""
@@ -145,7 +194,12 @@ class TargetTransform(nn.Module):
             if len(t) < 3 or np.var(t) == 0:
                 raise UsageError(f"calibrating {name}: the validation split needs at least 3 galaxies with "
                                  f"different {name}, got {len(t)}")
-            slope, intercept = np.polyfit(t, p, 1)
+            if self.symmetrise and bool((self.signs[k] < 0).any()):
+                # an exactly equivariant estimate of a spin-2 quantity has no intercept in
+                # expectation; fitting one would only add the validation split's noise
+                slope, intercept = float(np.dot(t, p) / np.dot(t, t)), 0.0
+            else:
+                slope, intercept = np.polyfit(t, p, 1)
             if slope < MIN_RESPONSE:
                 if echo is not None:
                     echo(f"{name}: response {slope:.3f} < {MIN_RESPONSE}: the network has not learned it; left uncalibrated")

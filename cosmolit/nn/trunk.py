@@ -35,6 +35,14 @@ PRELU_KINDS = ("element", "channel")
 _PRELU_KERNEL = getattr(torch, "_prelu_kernel", None)  # fused, broadcasting PReLU (torch >= 2.0)
 
 
+def _is_nhwc(x: torch.Tensor) -> bool:
+    """True for a channels-last (not also contiguous) 4-D tensor; False inside vmap, which cannot say."""
+    try:
+        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    except RuntimeError:  # torch.func.vmap's batched tensors answer only the default format
+        return False
+
+
 class ElementwisePReLU(nn.Module):
     """PReLU with one learned slope per element of `shape`: y = x if x > 0 else a * x.
 
@@ -58,8 +66,7 @@ class ElementwisePReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if w.dim() == 3 and x.dim() == 4 and not x.is_contiguous() \
-                and x.is_contiguous(memory_format=torch.channels_last):
+        if w.dim() == 3 and x.dim() == 4 and _is_nhwc(x):
             # NHWC activations: give the slopes the same layout, else the broadcast walks them
             # across strides (17x slower on CPU for (32, 64, 64) slopes at batch 32)
             w = w.unsqueeze(0).contiguous(memory_format=torch.channels_last)  # (1, C, H, W)
