@@ -250,8 +250,10 @@ class BayesianShapeCNN(CosmolitModule):
         drawing the weights (1.2 M normals per draw) costs about as much as a pass at small batch.
         `seed` makes the draws reproducible; the draws do not depend on `vectorise` or the chunking.
         Outputs are in the targets' units, calibrated (response and uncertainty) unless `calibrated` is False.
-        With the `symmetrise` hyper-parameter draw s sees the stamp under grid symmetry s mod 8
-        and its answer is turned back (cosmolit.models.targets, "Symmetrised prediction").
+        With the `symmetrise` hyper-parameter every draw predicts the stamp under the 8 grid
+        symmetries, turns the answers back and averages them (cosmolit.models.targets,
+        "Symmetrised prediction"): 8 times the work, the epistemic spread is that of the
+        symmetrised network's weights.
         BatchNorm uses its running statistics (eval mode) whatever the module's mode.
         """
         samples = int(self.hparams.samples if samples is None else samples)
@@ -265,10 +267,13 @@ class BayesianShapeCNN(CosmolitModule):
         if seed is not None:
             gen = torch.Generator(device=self.posterior.loc[0].device).manual_seed(int(seed))
         xn = self.normalise(x)  # (B, C, H, W)
-        chunk = max(1, min(samples, max_draws, max_pairs // max(1, x.shape[0]))) if vectorise else 1
-        tt = self.target_transform
+        tt, batch = self.target_transform, x.shape[0]
         n_sym = N_SYMMETRIES if self.hparams.get("symmetrise", False) else 1
-        views = [transform_images(xn, g) for g in range(n_sym)]  # draw s sees views[s % n_sym]
+        if n_sym > 1:  # every draw sees the 8 views of each stamp, stacked along the batch
+            xn = torch.cat([transform_images(xn, g) for g in range(n_sym)])  # (8 B, C, H, W)
+        sign = torch.stack([tt.symmetry_signs(g) for g in range(n_sym)]).to(xn.dtype)  # (n_sym, T)
+        sign = sign.view(1, n_sym, 1, -1)  # (1, n_sym, 1, T)
+        chunk = max(1, min(samples, max_draws, max_pairs // max(1, n_sym * batch))) if vectorise else 1
         was_training = self.net.training
         self.net.eval()
         try:
@@ -277,19 +282,17 @@ class BayesianShapeCNN(CosmolitModule):
             while done < samples:
                 s = min(chunk, samples - done)
                 draws = self.posterior.as_dict(self.posterior.rsample(samples=s, generator=gen, detach=True))
-                sym = [(done + k) % n_sym for k in range(s)]
-                if vectorise and n_sym == 1:
-                    mean, scale_tril = vmap(lambda w: functional_call(self.net, w, (xn,)))(draws)  # (s, B, T), (s, B, T, T)
-                elif vectorise:
-                    xs = torch.stack([views[g] for g in sym])  # (s, B, C, H, W)
-                    mean, scale_tril = vmap(lambda w, xi: functional_call(self.net, w, (xi,)))(draws, xs)
+                if vectorise:
+                    mean, scale_tril = vmap(lambda w: functional_call(self.net, w, (xn,)))(draws)  # (s, n_sym B, T), (.., T, T)
                 else:
-                    mean, scale_tril = functional_call(self.net, {k: w[0] for k, w in draws.items()}, (views[sym[0]],))
-                    mean, scale_tril = mean.unsqueeze(0), scale_tril.unsqueeze(0)  # (1, B, T), (1, B, T, T)
+                    mean, scale_tril = functional_call(self.net, {k: w[0] for k, w in draws.items()}, (xn,))
+                    mean, scale_tril = mean.unsqueeze(0), scale_tril.unsqueeze(0)  # (1, n_sym B, T), (1, n_sym B, T, T)
                 mean, scale_tril = tt.to_physical(mean, scale_tril, calibrated=False)
-                sign = torch.stack([tt.symmetry_signs(g) for g in sym]).to(mean.dtype).unsqueeze(1)  # (s, 1, T)
-                means.append(mean * sign)
-                covs.append(covariance(scale_tril) * sign.unsqueeze(-1) * sign.unsqueeze(-2))  # (s, B, T, T)
+                mean = mean.view(s, n_sym, batch, -1) * sign  # (s, n_sym, B, T), turned back
+                cov = covariance(scale_tril).view(s, n_sym, batch, *scale_tril.shape[-2:])
+                cov = cov * sign.unsqueeze(-1) * sign.unsqueeze(-2)  # (s, n_sym, B, T, T)
+                means.append(mean.mean(1))  # (s, B, T): each draw's (symmetrised) estimate
+                covs.append(cov.mean(1))  # (s, B, T, T)
                 done += s
         finally:
             self.net.train(was_training)
