@@ -33,7 +33,7 @@ class DataConfig:
     num_workers: int = 0
     in_memory: Optional[bool] = None
     limit: Optional[int] = None
-    augment: bool = False
+    augment: bool = True  # grid-symmetry augmentation of training stamps (cosmolit.data)
 
     def __post_init__(self):
         if self.batch_size <= 0:

@@ -79,7 +79,7 @@ class BayesianShapeCNNConfig:
     samples: int = 100
     loss: str = "decoupled"
     calibrate: Optional[tuple[str, ...]] = None  # None: e1, e2 when among the targets
-    symmetrise: bool = False
+    symmetrise: bool = True  # the model's own default stays False (checkpoints without the key)
 
     def __post_init__(self):
         if self.calibrate is None:

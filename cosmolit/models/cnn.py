@@ -45,7 +45,7 @@ class ShapeCNNConfig:
     loss: str = "decoupled"
     lr: float = 1e-3
     calibrate: Optional[tuple[str, ...]] = None  # None: e1, e2 when among the targets
-    symmetrise: bool = False
+    symmetrise: bool = True  # the model's own default stays False (checkpoints without the key)
 
     def __post_init__(self):
         if self.calibrate is None:

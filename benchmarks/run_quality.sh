@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The issue-3 quality runs on CPU, end to end: simulate train and test sets (never trained on),
+# fit the shape CNN (isolated, blended), the Pyro BNN and the VAE with the configs/ presets, evaluate
+# each with `cosmolit evaluate`. About 80 minutes on 2 cores. Figures are copied into
+# benchmarks/RESULTS.md by hand.
+#   bash benchmarks/run_quality.sh [WORKDIR]      (default: quality-runs/, created)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+W=${1:-quality-runs}
+mkdir -p "$W" && cd "$W"
+C="cosmolit"
+CFG="$ROOT/configs"
+step() { echo "== $(date -u +%H:%M:%S) $*"; }
+sim() { [ -f "$1" ] || { step "simulate $1"; $C simulate --out "$@" --workers 2 -q; }; }
+
+sim iso_train.h5 --n 10000 --seed 100
+sim iso_test.h5 --n 2000 --seed 200
+sim iso_test500.h5 --n 500 --seed 300
+sim mixed_test500.h5 --n 500 --seed 400 --blend-fraction 0.5
+
+step "fit cnn (isolated)"
+$C fit --model cnn --data iso_train.h5 --config "$CFG/cnn.yaml" --epochs 12 --accelerator cpu --out cnn_iso --force -q
+$C evaluate --ckpt cnn_iso/model.ckpt --data iso_test.h5 --out eval_cnn_iso --force -q
+
+step "fit bnn (isolated)"
+$C fit --model bnn --data iso_train.h5 --config "$CFG/bnn.yaml" --epochs 10 --batch-size 32 --accelerator cpu --out bnn_iso --force -q
+$C evaluate --ckpt bnn_iso/model.ckpt --data iso_test500.h5 --samples 32 --out eval_bnn_iso --force -q
+$C evaluate --ckpt bnn_iso/model.ckpt --data mixed_test500.h5 --samples 32 --no-hsm --out eval_bnn_mixed --force -q
+
+sim blend_train.h5 --n 10000 --seed 500 --config "$CFG/simulate/blends.yaml"
+sim blend_test.h5 --n 2000 --seed 600 --config "$CFG/simulate/blends.yaml"
+step "fit cnn (blends)"
+$C fit --model cnn --data blend_train.h5 --config "$CFG/cnn.yaml" --epochs 12 --accelerator cpu --out cnn_blend --force -q
+$C evaluate --ckpt cnn_blend/model.ckpt --data blend_test.h5 --out eval_cnn_blend --force -q
+
+step "fit vae"
+$C fit --model vae --data iso_train.h5 --config "$CFG/vae.yaml" --epochs 6 --accelerator cpu --out vae_iso --force -q
+$C evaluate --ckpt vae_iso/model.ckpt --data iso_test.h5 --n-generate 1000 --out eval_vae --force -q
+step done
