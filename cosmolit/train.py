@@ -240,6 +240,41 @@ class FitResult:
     accelerator: str
 
 
+def _read_csv_rows(path: Path) -> list[dict]:
+    """Rows of a CSV file as dicts; [] when there is none."""
+    import csv
+
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _merge_resumed_log(path: Path, earlier: list[dict]) -> None:
+    """Put the rows logged before a resume back in front of the resumed run's metrics.csv (the
+    CSV logger rewrites the file from scratch), keeping of the earlier rows those before the first
+    step the resumed run logged; one file with every epoch, written atomically."""
+    import csv
+
+    from cosmolit.dataset import atomic_path
+
+    def step(row):
+        try:
+            return int(float(row.get("step") or ""))
+        except ValueError:
+            return None
+
+    later = _read_csv_rows(path)
+    first = min((s for s in map(step, later) if s is not None), default=None)
+    kept = [r for r in earlier if first is None or (step(r) is not None and step(r) < first)]
+    fields = list(dict.fromkeys(k for row in (*later[:1], *kept, *later) for k in row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept + later)
+
+
 def fit(
     kind: str,
     data: str | Path,
@@ -372,7 +407,13 @@ def fit(
         enable_model_summary=progress,
         **trainer_opts,
     )
-    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if resume else None)
+    metrics_csv = out / "logs" / "metrics.csv"
+    earlier_rows = _read_csv_rows(metrics_csv) if resume else []  # the CSV logger starts the file afresh
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=str(last) if resume else None)
+    finally:
+        if earlier_rows:
+            _merge_resumed_log(metrics_csv, earlier_rows)
     if trainer.interrupted:
         raise KeyboardInterrupt
 

@@ -19,7 +19,7 @@ from cosmolit.cli import app
 from cosmolit.checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = "model: {filters: [4, 8]}\ndata: {val_fraction: 0.25}\n"
+CONFIG = "model: {filters: [4, 8]}\ndata: {val_fraction: 0.25}\ntrainer: {log_every_n_steps: 1}\n"
 
 
 def _fit_args(data, out, config, extra=()):
@@ -94,6 +94,27 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, config, syntheti
         # one batch early), so best.ckpt / model.ckpt can differ there; the weights (last.ckpt) do not.
         _assert_same(_weights(full / "model.ckpt"), _weights(cut / "model.ckpt"))
     assert read_checkpoint(cut / "model.ckpt")["global_step"] == read_checkpoint(full / "model.ckpt")["global_step"]
+    # one metrics.csv with the rows of both runs (the CSV logger alone would keep only the resumed part)
+    logged = {name: _logged(run / "logs" / "metrics.csv") for name, run in (("full", full), ("cut", cut))}
+    full_steps, cut_steps = logged["full"]["train"], logged["cut"]["train"]
+    # every step of the uninterrupted run, in order, except at most the one the signal cut short
+    assert cut_steps == [s for s in full_steps if s in cut_steps]
+    may_miss = {str(step - 1)}
+    if tuple(int(x) for x in pl.__version__.split(".")[:2]) < (2, 1):
+        may_miss.add(full_steps[-1])  # PL 2.0.9's resumed epoch logs its last step under the step before
+    assert set(full_steps) - set(cut_steps) <= may_miss and "0" in cut_steps
+    if tuple(int(x) for x in pl.__version__.split(".")[:2]) >= (2, 1):  # PL 2.0.9: see above
+        assert logged["cut"]["val"] == logged["full"]["val"] == ["0", "1"]
+
+
+def _logged(path):
+    """{'train': steps with a train_loss, 'val': epochs with a val_loss} of a metrics.csv."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {"train": [r["step"] for r in rows if r.get("train_loss")],
+            "val": [r["epoch"] for r in rows if r.get("val_loss")]}
 
 
 def test_same_seed_same_weights(tmp_path, config, synthetic_small_h5):
