@@ -267,7 +267,7 @@ def _merge_resumed_log(path: Path, earlier: list[dict]) -> None:
     later = _read_csv_rows(path)
     first = min((s for s in map(step, later) if s is not None), default=None)
     kept = [r for r in earlier if first is None or (step(r) is not None and step(r) < first)]
-    fields = list(dict.fromkeys(k for row in (*later[:1], *kept, *later) for k in row))
+    fields = list(dict.fromkeys(k for row in (*later, *kept) for k in row))  # the new header first
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
