@@ -361,7 +361,7 @@ def fit(
     )
     model = cls(**_accepted_kwargs(cls, model_kwargs))
 
-    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
     config_yaml = dump_yaml({"model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(cfg.data),
@@ -384,6 +384,8 @@ def fit(
     callbacks = [checkpoint_cb, _provenance_callback(kind, cfg.trainer.seed, config_yaml), run_state]
     if cfg.trainer.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, patience=cfg.trainer.early_stopping_patience))
+    if getattr(model_cfg, "lr_schedule", "constant") != "constant":  # the learning rate of each epoch, in metrics.csv
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     loggers = [CSVLogger(str(out), name="logs", version="")]
     try:
         from pytorch_lightning.loggers import TensorBoardLogger

@@ -259,6 +259,7 @@ def test_bench_generate_with_toy_decoder():
     payload = run_generate_bench(cfg, echo=lambda m: None, progress=False, factory=ToyVAE)
     assert [r["n"] for r in payload["results"]] == [1, 50]
     assert all(r["time"]["n"] == 2 and r["time"]["min"] > 0 for r in payload["results"])
+    assert not any("decode_time" in r for r in payload["results"])  # no latent flow: nothing to split
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -358,6 +359,7 @@ def test_cli_bench_generate_and_overhead_real_models(tmp_path):
     assert res.exit_code == 0, res.output
     rows = load_results(gen)["results"]
     assert [r["n"] for r in rows] == [1, 3] and all(r["time"]["n"] == 2 for r in rows)
+    assert all(r["decode_time"]["n"] == 2 and r["decode_time"]["min"] > 0 for r in rows)  # the decoder alone
     ovh = tmp_path / "o.json"
     res = runner.invoke(app, ["bench", "overhead", "--batch-size", "2", "--bnn-batch-size", "2", "--steps", "1",
                               "--rounds", "1", "--parts", "pyro,mfu", "--threads", "1", "--out", str(ovh)])

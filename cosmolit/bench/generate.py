@@ -7,6 +7,10 @@ flow sampling (8 MAF layers, sequential over the 32 latent dimensions) then deco
 
 Modes: eager (plain calls under torch.no_grad) or static (the whole call for one n captured in
 a CUDA graph, cosmolit.backends.static.StaticCall; eager with a one-line message without CUDA).
+
+For a VAE, each row also carries `decode_time`: decoding n latents drawn beforehand, the
+decoder alone, which is what the study's TensorFlow decoder timings on a 2-core CPU measure
+(paper.md: 2.99 s for 1,000 latents; flow sampling + decoding 4.32 s).
 """
 
 from __future__ import annotations
@@ -65,18 +69,40 @@ def load_vae(ckpt: Optional[str | Path], device, factory: Optional[Callable] = N
     return vae.eval().to(device), "untrained default-size VAE (timing only)"
 
 
+def has_latent_flow(vae) -> bool:
+    return hasattr(vae, "flow") and hasattr(vae, "latent_scale")
+
+
 def sampler(vae) -> Callable[[int], "object"]:
     """generate(n) -> (n, C, H, W): flow sampling + decoding, without host synchronisation."""
     import torch
 
     def generate(n: int):
         with torch.no_grad():
-            if hasattr(vae, "flow") and hasattr(vae, "latent_scale"):
-                z = vae.flow.sample(int(n)) * vae.latent_scale + vae.latent_loc  # (n, L)
-                return vae.decode(z)  # (n, C, H, W)
+            if has_latent_flow(vae):
+                return vae.decode(flow_latents(vae, n))  # (n, C, H, W)
             return vae.sample(int(n))
 
     return generate
+
+
+def flow_latents(vae, n: int):
+    """n latents (n, L) from the VAE's latent flow."""
+    import torch
+
+    with torch.no_grad():
+        return vae.flow.sample(int(n)) * vae.latent_scale + vae.latent_loc
+
+
+def decoder_only(vae, z) -> Callable[[], "object"]:
+    """decode() -> (n, C, H, W): the decoder alone on latents z drawn beforehand."""
+    import torch
+
+    def decode():
+        with torch.no_grad():
+            return vae.decode(z)
+
+    return decode
 
 
 def run_generate_bench(cfg: GenerateBenchConfig, echo: Callable[[str], None] = print, progress: bool = True,
@@ -114,35 +140,45 @@ def _run(cfg, echo, progress, factory, label) -> dict:
     device = torch_device(cfg.accelerator)
     vae, what = load_vae(cfg.ckpt, device, factory)
     generate = sampler(vae)
+
+    def prepare(fn):
+        """(callable to time, note): captured in a CUDA graph in static mode, else called once untimed."""
+        if cfg.mode == "static":
+            call = StaticCall(fn, device=device, echo=echo)
+            return call, ("cuda-graph" if call.static else f"eager ({call.reason})")
+        fn()  # first call at this size (allocator warm-up), not timed
+        return fn, None
+
+    def timed(fn) -> list[float]:
+        times = []
+        for _ in range(cfg.repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return times
+
     if cfg.warmup:
         generate(cfg.warmup)
         synchronize(device)
     rows = []
     with progress_bar(len(cfg.n), "bench generate", enabled=progress) as advance:
         for n in cfg.n:
-            note = None
-            if cfg.mode == "static":
-                call = StaticCall(lambda n=n: generate(n), device=device, echo=echo)
-                fn = call
-                note = "cuda-graph" if call.static else f"eager ({call.reason})"
-            else:
-                fn = lambda n=n: generate(n)  # noqa: E731
-                fn()  # first call at this n (allocator warm-up), not timed
-            times = []
-            for _ in range(cfg.repeats):
-                synchronize(device)
-                t0 = time.perf_counter()
-                fn()
-                synchronize(device)
-                times.append(time.perf_counter() - t0)
-            stats = summarize(times)
+            fn, note = prepare(lambda n=n: generate(n))
+            stats = summarize(timed(fn))
             row = {"n": int(n), "time": stats, "images_per_second": images_per_second(stats["median"], n),
                    "mode": cfg.mode, "repeats": cfg.repeats}
+            line = (f"generate n {n:>5}: {stats['median']:.4f} s (IQR {stats['iqr']:.4f}, {cfg.repeats} repeats), "
+                    f"{row['images_per_second']:.1f} img/s")
+            if has_latent_flow(vae):
+                decode, _ = prepare(decoder_only(vae, flow_latents(vae, n)))
+                row["decode_time"] = summarize(timed(decode))
+                line += f"; decoding alone {row['decode_time']['median']:.4f} s"
             if note:
                 row["note"] = note
             rows.append(row)
-            echo(f"generate n {n:>5}: {stats['median']:.4f} s (IQR {stats['iqr']:.4f}, {cfg.repeats} repeats), "
-                 f"{row['images_per_second']:.1f} img/s")
+            echo(line)
             advance(1)
     env = capture_environment(cfg.accelerator, "32-true", cfg.mode, model=what)
     return make_payload("generate", rows, env, to_dict(cfg), label or f"cosmolit {cfg.accelerator} {cfg.mode}")

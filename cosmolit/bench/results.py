@@ -16,7 +16,8 @@ cosmolit.bench.callbacks.summarize (n, median, q1, q3, iqr, min, max, mean):
 
 - train:    model, batch_size, mode, step_time, images_per_second, seconds_per_100_epochs
             (optional: steps_timed, warmup_steps, device_iterations, note)
-- generate: n, time, images_per_second (optional: mode, repeats, note)
+- generate: n, time, images_per_second (optional: mode, repeats, note, decode_time: the decoder
+            alone on latents drawn beforehand)
 - overhead: name, value, unit (optional: a, b, batch_size, goal, note)
 """
 

@@ -16,7 +16,11 @@
   `monitor` names the metric that picks best.ckpt and early stopping (`val_loss` unless a model
   says otherwise; always `val_loss` on the IPU).
 - One torch.optim.Adam (the IPU strategy takes exactly one torch optimizer), fused off the IPU
-  where torch has the kernel (`cosmolit.backends.make_adam`).
+  where torch has the kernel (`cosmolit.backends.make_adam`). Hyper-parameter `lr_schedule`:
+  `constant` (the study's, and the default of checkpoints without the key) or `cosine`, a
+  per-epoch cosine decay from lr to LR_FLOOR x lr over the trainer's max_epochs (read at every
+  epoch, so a `--resume` with more epochs stretches the schedule; the IPU strategy hands the
+  changed learning rate to PopTorch at the next step).
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ from cosmolit.backends import make_adam, on_ipu
 from cosmolit.errors import UsageError
 from cosmolit.nn.trunk import PRELU_KINDS
 
+LR_SCHEDULES = ("constant", "cosine")
+LR_FLOOR = 0.01  # the cosine schedule ends at this fraction of lr
 
-def check_network_hparams(filters, prelu, lr, targets=None) -> None:
+
+def check_network_hparams(filters, prelu, lr, targets=None, lr_schedule: str = "constant") -> None:
     """Checks shared by every model config (ValueError; the config loader turns it into one line)."""
     if targets is not None:
         if len(targets) == 0:
@@ -45,6 +52,17 @@ def check_network_hparams(filters, prelu, lr, targets=None) -> None:
         raise ValueError(f"prelu {prelu!r} is not allowed; choose one of {', '.join(PRELU_KINDS)}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule {lr_schedule!r} is not allowed; choose one of {', '.join(LR_SCHEDULES)}")
+
+
+def cosine_factor(epoch: int, epochs: int) -> float:
+    """Learning-rate factor of the cosine schedule at `epoch` (0-based) of `epochs`: 1 at the
+    start, falling to LR_FLOOR at the end, LR_FLOOR after it."""
+    if epochs <= 1:
+        return 1.0
+    t = min(max(epoch, 0), epochs - 1) / (epochs - 1)
+    return LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def check_normalisation(normalisation: Optional[Sequence], bands: str) -> list[float]:
@@ -163,4 +181,16 @@ class CosmolitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        return make_adam(self.parameters(), float(self.hparams.get("lr", 1e-3)), self)
+        return self.with_lr_schedule(make_adam(self.parameters(), float(self.hparams.get("lr", 1e-3)), self))
+
+    def with_lr_schedule(self, optimizer):
+        """The optimizer alone (`lr_schedule: constant`) or with its per-epoch cosine scheduler."""
+        if self.hparams.get("lr_schedule", "constant") == "constant":
+            return optimizer
+
+        def factor(epoch: int) -> float:  # a plain function: LambdaLR's state_dict keeps no copy of it
+            epochs = self.trainer.max_epochs if self._trainer is not None else None
+            return cosine_factor(epoch, epochs) if epochs and epochs > 0 else 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

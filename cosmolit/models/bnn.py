@@ -76,6 +76,7 @@ class BayesianShapeCNNConfig:
     prior_scale: float = 1.0
     init_scale: float = -9.0
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     samples: int = 100
     loss: str = "decoupled"
     calibrate: Optional[tuple[str, ...]] = None  # None: e1, e2 when among the targets
@@ -85,12 +86,12 @@ class BayesianShapeCNNConfig:
         if self.calibrate is None:
             self.calibrate = tuple(default_calibrate(self.targets))
         _check_hparams(self.targets, self.filters, self.prelu, self.prior_scale, self.lr, self.samples,
-                       loss=self.loss, calibrate=self.calibrate)
+                       loss=self.loss, calibrate=self.calibrate, lr_schedule=self.lr_schedule)
 
 
 def _check_hparams(targets, filters, prelu, prior_scale, lr, samples, train_size=1, loss="decoupled",
-                   calibrate=()) -> None:
-    check_network_hparams(filters, prelu, lr, targets)
+                   calibrate=(), lr_schedule="constant") -> None:
+    check_network_hparams(filters, prelu, lr, targets, lr_schedule)
     check_shape_hparams(targets, loss, calibrate)
     if loss == "mse":
         raise ValueError("loss mse is for the cnn; the BNN's likelihood term is decoupled or nll")
@@ -118,6 +119,7 @@ class BayesianShapeCNN(CosmolitModule):
         prior_scale: float = 1.0,
         init_scale: float = -9.0,
         lr: float = 1e-3,
+        lr_schedule: str = "constant",
         samples: int = 100,
         train_size: int = 8000,
         seed: int = 0,
@@ -133,7 +135,7 @@ class BayesianShapeCNN(CosmolitModule):
         targets = [str(t) for t in targets]
         calibrate = default_calibrate(targets) if calibrate is None else [str(t) for t in calibrate]
         try:
-            _check_hparams(targets, filters, prelu, prior_scale, lr, samples, train_size, loss, calibrate)
+            _check_hparams(targets, filters, prelu, prior_scale, lr, samples, train_size, loss, calibrate, lr_schedule)
         except ValueError as exc:
             from cosmolit.errors import UsageError
 

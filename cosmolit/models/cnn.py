@@ -30,8 +30,8 @@ from cosmolit.nn.trunk import Trunk
 DEFAULT_TARGETS = ("e1", "e2", "redshift")
 
 
-def _check_hparams(targets, filters, prelu, loss, lr, calibrate) -> None:
-    check_network_hparams(filters, prelu, lr, targets)
+def _check_hparams(targets, filters, prelu, loss, lr, calibrate, lr_schedule="constant") -> None:
+    check_network_hparams(filters, prelu, lr, targets, lr_schedule)
     check_shape_hparams(targets, loss, calibrate)
 
 
@@ -44,13 +44,14 @@ class ShapeCNNConfig:
     prelu: str = "element"
     loss: str = "decoupled"
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     calibrate: Optional[tuple[str, ...]] = None  # None: e1, e2 when among the targets
     symmetrise: bool = True  # the model's own default stays False (checkpoints without the key)
 
     def __post_init__(self):
         if self.calibrate is None:
             self.calibrate = tuple(default_calibrate(self.targets))
-        _check_hparams(self.targets, self.filters, self.prelu, self.loss, self.lr, self.calibrate)
+        _check_hparams(self.targets, self.filters, self.prelu, self.loss, self.lr, self.calibrate, self.lr_schedule)
 
 
 class ShapeCNN(CosmolitModule):
@@ -66,6 +67,7 @@ class ShapeCNN(CosmolitModule):
         prelu: str = "element",
         loss: str = "decoupled",
         lr: float = 1e-3,
+        lr_schedule: str = "constant",
         calibrate: Optional[Sequence[str]] = None,
         target_stats: Optional[Sequence] = None,
         symmetrise: bool = False,
@@ -74,7 +76,7 @@ class ShapeCNN(CosmolitModule):
         targets, filters = [str(t) for t in targets], [int(f) for f in filters]
         calibrate = default_calibrate(targets) if calibrate is None else [str(t) for t in calibrate]
         try:
-            _check_hparams(targets, filters, prelu, loss, lr, calibrate)
+            _check_hparams(targets, filters, prelu, loss, lr, calibrate, lr_schedule)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         super().__init__(bands=bands, stamp=stamp, normalisation=normalisation, provenance=provenance)

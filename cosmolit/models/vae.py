@@ -64,6 +64,7 @@ class GalaxyVAEConfig:
     kl_weight: float = 0.01
     recon_sigma: Union[float, str, None] = "optimal"
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     flow_layers: int = 8
     flow_hidden: tuple[int, ...] = (256, 256)
     flow_epochs: int = 100
@@ -74,14 +75,14 @@ class GalaxyVAEConfig:
     def __post_init__(self):
         _check_hparams(self.latent_dim, self.filters, self.prelu, self.kl_weight, self.recon_sigma, self.lr,
                        self.flow_layers, self.flow_hidden, self.flow_epochs, self.flow_batch_size, self.flow_lr,
-                       self.flow_latents)
+                       self.flow_latents, self.lr_schedule)
 
 
 def _check_hparams(latent_dim, filters, prelu, kl_weight, recon_sigma, lr, flow_layers, flow_hidden,
-                   flow_epochs, flow_batch_size, flow_lr, flow_latents) -> None:
+                   flow_epochs, flow_batch_size, flow_lr, flow_latents, lr_schedule="constant") -> None:
     if latent_dim < 2:
         raise ValueError(f"latent_dim must be an integer >= 2, got {latent_dim}")
-    check_network_hparams(filters, prelu, lr)
+    check_network_hparams(filters, prelu, lr, lr_schedule=lr_schedule)
     if kl_weight < 0:
         raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
     if isinstance(recon_sigma, str):
@@ -137,6 +138,7 @@ class GalaxyVAE(CosmolitModule):
         kl_weight: float = 0.01,
         recon_sigma: Union[float, str, None] = "optimal",
         lr: float = 1e-3,
+        lr_schedule: str = "constant",
         flow_layers: int = 8,
         flow_hidden: Sequence[int] = (256, 256),
         flow_epochs: int = 100,
@@ -148,7 +150,7 @@ class GalaxyVAE(CosmolitModule):
         filters, flow_hidden = [int(f) for f in filters], [int(h) for h in flow_hidden]
         try:
             _check_hparams(latent_dim, filters, prelu, kl_weight, recon_sigma, lr, flow_layers, flow_hidden,
-                           flow_epochs, flow_batch_size, flow_lr, flow_latents)
+                           flow_epochs, flow_batch_size, flow_lr, flow_latents, lr_schedule)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         super().__init__(bands=bands, stamp=stamp, normalisation=normalisation, provenance=provenance)
@@ -240,7 +242,7 @@ class GalaxyVAE(CosmolitModule):
     def configure_optimizers(self):
         # The flow is fitted separately (fit_flow); it is not part of the VAE's optimizer.
         params = [p for name, p in self.named_parameters() if not name.startswith("flow.")]
-        return make_adam(params, float(self.hparams.lr), self)
+        return self.with_lr_schedule(make_adam(params, float(self.hparams.lr), self))
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
