@@ -83,10 +83,10 @@ def generate_images(model, n: int, seed: int, batch_size: int = 500, prior: bool
     return np.concatenate(chunks)
 
 
-def load_images(path, limit: int | None = None, batch_size: int = 256) -> np.ndarray:
-    """Images of a file (the first `limit`), checked for NaN/Inf."""
+def load_images(path, limit: int | None = None, batch_size: int = 256, dataset: str = "images") -> np.ndarray:
+    """Stamps of a file (the first `limit`; `dataset` "images" or "clean"), checked for NaN/Inf."""
     blocks = []
-    for start, block in iter_images(path, batch_size):
+    for start, block in iter_images(path, batch_size, dataset):
         blocks.append(block)
         if limit is not None and start + len(block) >= limit:
             break

@@ -144,3 +144,22 @@ print(list(model.hparams.targets), tuple(mean.shape))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "['e1', 'e2', 'redshift'] (4, 3)" in res.stdout
+
+
+def test_evaluate_vae_compares_with_the_clean_stamps(fitted, synthetic_small_h5, tmp_path):
+    """The denoising VAE generates noiseless galaxies: the simulated side of the comparison is `clean`."""
+    pytest.importorskip("galsim")
+    out = tmp_path / "eval_vae"
+    run("evaluate", "--ckpt", fitted["vae"] / "model.ckpt", "--data", synthetic_small_h5, "--n-generate", "16",
+        "--out", out, "-q", "--accelerator", "cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reference_images"] == "clean" and metrics["n_real"] == 16
+    with h5py.File(synthetic_small_h5, "r") as f:
+        clean_flux = f["clean"][:16].astype(np.float64).sum(axis=(-2, -1))  # (16, B)
+        noisy_flux = f["images"][:16].astype(np.float64).sum(axis=(-2, -1))
+    for k, band in enumerate("gri"):
+        simulated = metrics["medians"][f"flux_{band}"]["simulated"]
+        assert simulated == pytest.approx(np.median(clean_flux[:, k]), rel=1e-4)
+        assert simulated != pytest.approx(np.median(noisy_flux[:, k]), rel=1e-4)
+    assert {"size", "abs_e"} <= set(metrics["ks"])
+    assert "noiseless" in (out / "report.md").read_text()

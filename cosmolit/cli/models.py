@@ -102,11 +102,14 @@ def evaluate_cmd(
         if kind == "vae":
             from cosmolit.measure.report import evaluate_generation
 
-            real = load_images(data, limit=max(n_generate, 16))
+            # a VAE fitted on a file with clean stamps is a denoiser and generates noiseless
+            # galaxies: compare them with the noiseless simulated stamps, not the noisy ones
+            reference = "clean" if info.has_clean else "images"
+            real = load_images(data, limit=max(n_generate, 16), dataset=reference)
             generated = generate_images(net, n_generate, seed, device=device, progress=progress)
             recon = _reconstructions(net, data, info, device, n=8)
             metrics = evaluate_generation(out, real, generated, info.bands, info.pixel_scale,
-                                          reconstructions=recon, progress=progress)
+                                          reconstructions=recon, progress=progress, reference=reference)
         else:
             from cosmolit.measure.report import evaluate_shapes
 

@@ -364,8 +364,12 @@ UNITS = {"size": "pixels, adaptive-moment sigma", "abs_e": "distortion", "e1": "
 
 
 def evaluate_generation(out_dir, real_images, generated, bands: str, pixel_scale: float,
-                        reconstructions=None, progress: bool = True, band: str | None = None) -> dict:
+                        reconstructions=None, progress: bool = True, band: str | None = None,
+                        reference: str = "images") -> dict:
     """Compare generated (M, B, H, W) with simulated (N, B, H, W) galaxies [electrons].
+
+    `reference` names what real_images are, recorded as `reference_images`: "clean" (the
+    noiseless stamps, what a denoising VAE generates) or "images" (the noisy ones).
 
     Statistics per stamp: adaptive-moment size (moments_sigma, pixels) and observed shape
     (distortion) in `band` (default i, else r), summed flux per band, colours of adjacent bands.
@@ -395,6 +399,7 @@ def evaluate_generation(out_dir, real_images, generated, bands: str, pixel_scale
         "model_kind": "vae",
         "n_real": int(real.shape[0]),
         "n_generated": int(gen.shape[0]),
+        "reference_images": reference,
         "bands": bands,
         "pixel_scale": float(pixel_scale),
         "shape_band": rs["band"],
@@ -435,9 +440,13 @@ def evaluate_generation(out_dir, real_images, generated, bands: str, pixel_scale
     return clean
 
 
+REFERENCE_WORDS = {"clean": "their noiseless stamps", "images": "their noisy stamps"}
+
+
 def _generation_report(m: dict, figures) -> str:
     lines = ["# Evaluation of a VAE generator", "",
-             f"{m['n_generated']} generated against {m['n_real']} simulated galaxies (bands {m['bands']}, "
+             f"{m['n_generated']} generated against {m['n_real']} simulated galaxies "
+             f"({REFERENCE_WORDS.get(m.get('reference_images'), 'stamps')}; bands {m['bands']}, "
              f"{m['pixel_scale']} arcsec/pixel). Size and shape from galsim.hsm.FindAdaptiveMom in the "
              f"{m['shape_band']} band (moments_sigma in pixels, observed_shape as distortion, not PSF-corrected); "
              "flux summed over the stamp [electrons]; colours -2.5 log10(F_b1/F_b2) of adjacent bands.", "",
