@@ -6,7 +6,8 @@
    optimizer (goal <= 1.10x at batch 32 on CPU);
 2. the Pyro BNN step vs the hand-written reparameterised plain-torch BNN (goal <= 1.2x);
 3. model FLOP/s (counted from conv / linear shapes) vs a dense matmul on the same machine (MFU),
-   and the study's TensorFlow 2-core figures at the same batch.
+   and the study's TensorFlow 2-core figures at the same batch;
+4. with --parts ...,malloc: glibc's default malloc vs freed memory retained (cosmolit.backends.memory).
 Prints one line per figure and writes a cosmolit-bench/1 JSON file (kind "overhead").
 """
 
@@ -45,6 +46,9 @@ def main(argv=None) -> int:
                                  parts=[s.strip() for s in args.parts.split(",") if s.strip()])
         except ValueError as exc:
             raise CosmolitError(str(exc)) from None
+        from cosmolit.backends.memory import retain_freed_memory
+
+        retain_freed_memory()  # as the cosmolit command does at start-up
         payload = run_overhead_bench(cfg)
         write_results(args.out, payload, force=args.force)
     except CosmolitError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -294,6 +295,39 @@ def test_overhead_lightning_and_mfu_with_toy(tmp_path):
     assert names["cnn_forward_gflop_per_image"]["value"] == pytest.approx(2 * 4 * 16 * 16 * 6 * 9 / 1e9
                                                                          + 2 * 3 * 1024 / 1e9)
     load_results(write_results(tmp_path / "o.json", payload))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_overhead_malloc_alternates_and_restores_the_setting():
+    from cosmolit.backends.memory import malloc_mode, retain_freed_memory
+    from cosmolit.bench.overhead import OverheadConfig, run_overhead_bench
+
+    assert retain_freed_memory(False) and malloc_mode() == "system"
+    cfg = OverheadConfig(batch_size=4, steps=2, warmup_steps=1, rounds=2, parts=["malloc"], threads=1)
+    payload = run_overhead_bench(cfg, echo=lambda m: None, factories={"cnn": toy_factory})
+    names = {r["name"]: r for r in payload["results"]}
+    assert set(names) == {"malloc_system_over_retain_cnn_b2", "malloc_system_over_retain_cnn_b4"}
+    row = names["malloc_system_over_retain_cnn_b4"]
+    assert row["value"] == pytest.approx(row["a"]["median"] / row["b"]["median"]) and row["a"]["n"] == 2 * 2
+    assert malloc_mode() == "system"  # restored
+    assert payload["environment"]["malloc"] == "system"
+    assert retain_freed_memory(True) and malloc_mode() == "retain"
+    run_overhead_bench(cfg, echo=lambda m: None, factories={"cnn": toy_factory})
+    assert malloc_mode() == "retain"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_cli_system_malloc_option(monkeypatch):
+    from cosmolit.backends.memory import malloc_mode
+
+    runner, app = _cli()
+    res = runner.invoke(app, ["--system-malloc", "bench", "plot", "--help"])
+    assert res.exit_code == 0 and malloc_mode() == "system"
+    res = runner.invoke(app, ["bench", "plot", "--help"])
+    assert res.exit_code == 0 and malloc_mode() == "retain"
+    monkeypatch.setenv("COSMOLIT_SYSTEM_MALLOC", "1")
+    res = runner.invoke(app, ["bench", "plot", "--help"])
+    assert res.exit_code == 0 and malloc_mode() == "system"
 
 
 # ----------------------------------------------------------------------------- CLI

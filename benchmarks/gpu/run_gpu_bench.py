@@ -23,6 +23,9 @@ GEN_N = [1, 10, 100, 500, 1000, 5000]
 
 
 def main(argv=None) -> int:
+    from cosmolit.backends.memory import retain_freed_memory
+
+    retain_freed_memory()  # host memory as the cosmolit command sets it
     p = argparse.ArgumentParser(description="cosmolit GPU benchmarks")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="few steps and batch sizes (smoke run)")

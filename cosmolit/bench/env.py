@@ -45,6 +45,8 @@ def capture_environment(accelerator: str = "cpu", precision: str = "32-true", mo
     """A JSON-ready description of the machine and software; `extra` keys are added as given."""
     import torch
 
+    from cosmolit.backends.memory import malloc_mode
+
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "accelerator": accelerator,
@@ -56,6 +58,7 @@ def capture_environment(accelerator: str = "cpu", precision: str = "32-true", mo
         "torch_interop_threads": torch.get_num_interop_threads(),
         "precision": precision,
         "mode": mode,
+        "malloc": malloc_mode(),  # cosmolit.backends.memory: retain (freed memory kept) or system
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",
         "torch": torch.__version__,

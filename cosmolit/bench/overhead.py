@@ -8,6 +8,8 @@
    pass (x3 for a training step), the achieved FLOP/s of the bare loop, and the FLOP/s of a
    dense fp32 matmul on the same machine: model-FLOPs utilisation (MFU).
 4. The study's TensorFlow networks on a 2-core CPU (reference.TF_CPU_STEP) at the same batch.
+5. malloc (CPU): the bare CNN loop under glibc's default malloc vs with freed memory retained
+   (cosmolit.backends.memory), at batch 2 and at `batch_size`; the ratio is the speed-up.
 
 The two sides of each ratio run in alternating rounds, so that a change of machine load hits
 both; each side's figure is the median over all its timed steps, and the ratio is also given
@@ -22,6 +24,9 @@ from typing import Callable, Optional
 
 from cosmolit.backends import make_adam
 from cosmolit.errors import UsageError
+
+
+OVERHEAD_PARTS = ("lightning", "pyro", "mfu", "malloc")
 
 
 @dataclass
@@ -45,9 +50,9 @@ class OverheadConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        bad = [p for p in self.parts if p not in ("lightning", "pyro", "mfu")]
+        bad = [p for p in self.parts if p not in OVERHEAD_PARTS]
         if bad or not self.parts:
-            raise ValueError(f"parts {bad or self.parts} not allowed; choose among lightning, pyro, mfu")
+            raise ValueError(f"parts {bad or self.parts} not allowed; choose among {', '.join(OVERHEAD_PARTS)}")
 
 
 # ---------------------------------------------------------------------------- FLOPs
@@ -267,6 +272,47 @@ def mfu(cfg: OverheadConfig, device, echo, factory: Optional[Callable] = None) -
     return rows
 
 
+def malloc_overhead(cfg: OverheadConfig, device, echo, factory: Optional[Callable] = None) -> list[dict]:
+    """Bare cnn loop with glibc's default malloc vs freed memory retained, alternating rounds, at
+    batch 2 and cfg.batch_size; the process's setting is restored afterwards."""
+    import torch
+
+    from cosmolit.backends.memory import malloc_mode, retain_freed_memory
+    from cosmolit.bench.train import build_bench_model, loss_function, model_optimizer, synthetic_pool
+
+    if device.type != "cpu":
+        echo("bench overhead malloc: a host-memory setting, measured on cpu only; skipped")
+        return []
+    before = malloc_mode()
+    if not retain_freed_memory(before == "retain"):
+        echo("bench overhead malloc: no glibc malloc here (mallopt unavailable); skipped")
+        return []
+    rows = []
+    try:
+        for b in sorted({2, cfg.batch_size}):
+            torch.manual_seed(cfg.seed)
+            model = build_bench_model("cnn", factory=factory).to(device).train()
+            loss_fn, opt = loss_function(model), model_optimizer(model)
+            x, y = synthetic_pool(2 * b, 6, 64, 3, cfg.seed)
+            batches = [(x[:b], y[:b]), (x[b:], y[b:])]
+
+            def run(retain: bool):
+                retain_freed_memory(retain)
+                return time_loop(loss_fn, opt, batches, cfg.steps, cfg.warmup_steps, device)
+
+            res = _side_by_side(lambda: run(False), lambda: run(True), cfg.rounds)
+            echo(f"malloc, bare cnn batch {b}: glibc default {res['a']['median'] * 1e3:.2f} vs freed memory retained "
+                 f"{res['b']['median'] * 1e3:.2f} ms/step, speed-up {res['ratio']:.3f} (median of per-round ratios "
+                 f"{res['median_round_ratio']:.3f})")
+            rows.append(_row(f"malloc_system_over_retain_cnn_b{b}", res["ratio"], "x", a=res["a"], b=res["b"],
+                             batch_size=b, note="a: glibc's default malloc, b: freed memory retained "
+                             "(cosmolit.backends.memory); per-round ratios "
+                             + ", ".join(f"{r:.3f}" for r in res["round_ratios"])))
+    finally:
+        retain_freed_memory(before == "retain")
+    return rows
+
+
 def run_overhead_bench(cfg: OverheadConfig, echo: Callable[[str], None] = print,
                        factories: Optional[dict] = None, label: Optional[str] = None) -> dict:
     """Run the requested parts; returns a validated results document (kind 'overhead').
@@ -295,6 +341,8 @@ def run_overhead_bench(cfg: OverheadConfig, echo: Callable[[str], None] = print,
             rows += pyro_overhead(cfg, device, echo, factories.get("bnn"))
         if "mfu" in cfg.parts:
             rows += mfu(cfg, device, echo, factories.get("cnn"))
+        if "malloc" in cfg.parts:
+            rows += malloc_overhead(cfg, device, echo, factories.get("cnn"))
         env = capture_environment(cfg.accelerator, "32-true", "overhead")
     finally:
         torch.set_num_threads(previous)
