@@ -26,8 +26,6 @@ from typing import Optional
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters (glibc malloc.h)
 M_MMAP_MAX = -4
-GLIBC_MMAP_MAX = 65536  # glibc's defaults, restored by retain_freed_memory(False)
-GLIBC_TRIM_THRESHOLD = 128 * 1024
 RETAIN_TRIM_THRESHOLD = 1 << 30
 
 _libc: Optional[ctypes.CDLL] = None
@@ -46,19 +44,22 @@ def _glibc() -> Optional[ctypes.CDLL]:
     return _libc
 
 
-def retain_freed_memory(enabled: bool = True) -> bool:
-    """Keep freed heap memory in the process (True) or restore glibc's defaults (False).
+def retain_freed_memory() -> bool:
+    """Keep freed heap memory in the process from now on.
 
     Returns True when the setting was applied (Linux with glibc), False where it cannot be.
+    There is no way back within the process: any mallopt call also switches off glibc's
+    dynamic mmap threshold, so glibc's true defaults exist only in a process that never
+    called it (`cosmolit --system-malloc`; the malloc part of `cosmolit bench overhead`
+    times each side in a fresh process for that reason).
     """
     global _mode
     libc = _glibc()
     if libc is None:
         return False
-    mmap_max, trim = (0, RETAIN_TRIM_THRESHOLD) if enabled else (GLIBC_MMAP_MAX, GLIBC_TRIM_THRESHOLD)
-    ok = libc.mallopt(M_MMAP_MAX, mmap_max) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim) == 1
+    ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, RETAIN_TRIM_THRESHOLD) == 1
     if ok:
-        _mode = "retain" if enabled else "system"
+        _mode = "retain"
     return ok
 
 

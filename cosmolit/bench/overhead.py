@@ -9,7 +9,8 @@
    dense fp32 matmul on the same machine: model-FLOPs utilisation (MFU).
 4. The study's TensorFlow networks on a 2-core CPU (reference.TF_CPU_STEP) at the same batch.
 5. malloc (CPU): the bare CNN loop under glibc's default malloc vs with freed memory retained
-   (cosmolit.backends.memory), at batch 2 and at `batch_size`; the ratio is the speed-up.
+   (cosmolit.backends.memory), at batch 2 and at `batch_size`, each side in a fresh process;
+   the ratio is the speed-up.
 
 The two sides of each ratio run in alternating rounds, so that a change of machine load hits
 both; each side's figure is the median over all its timed steps, and the ratio is also given
@@ -272,45 +273,68 @@ def mfu(cfg: OverheadConfig, device, echo, factory: Optional[Callable] = None) -
     return rows
 
 
-def malloc_overhead(cfg: OverheadConfig, device, echo, factory: Optional[Callable] = None) -> list[dict]:
-    """Bare cnn loop with glibc's default malloc vs freed memory retained, alternating rounds, at
-    batch 2 and cfg.batch_size; the process's setting is restored afterwards."""
-    import torch
-
-    from cosmolit.backends.memory import malloc_mode, retain_freed_memory
-    from cosmolit.bench.train import build_bench_model, loss_function, model_optimizer, synthetic_pool
+def malloc_overhead(cfg: OverheadConfig, device, echo) -> list[dict]:
+    """Bare cnn loop under glibc's default malloc vs with freed memory retained, at batch 2 and
+    cfg.batch_size. Each side runs in a fresh Python process (glibc's defaults cannot be restored
+    once mallopt has been called), the two alternating over cfg.rounds rounds."""
+    import sys
 
     if device.type != "cpu":
         echo("bench overhead malloc: a host-memory setting, measured on cpu only; skipped")
         return []
-    before = malloc_mode()
-    if not retain_freed_memory(before == "retain"):
-        echo("bench overhead malloc: no glibc malloc here (mallopt unavailable); skipped")
+    if not sys.platform.startswith("linux"):
+        echo("bench overhead malloc: glibc's mallopt is Linux only; skipped")
         return []
     rows = []
-    try:
-        for b in sorted({2, cfg.batch_size}):
-            torch.manual_seed(cfg.seed)
-            model = build_bench_model("cnn", factory=factory).to(device).train()
-            loss_fn, opt = loss_function(model), model_optimizer(model)
-            x, y = synthetic_pool(2 * b, 6, 64, 3, cfg.seed)
-            batches = [(x[:b], y[:b]), (x[b:], y[b:])]
-
-            def run(retain: bool):
-                retain_freed_memory(retain)
-                return time_loop(loss_fn, opt, batches, cfg.steps, cfg.warmup_steps, device)
-
-            res = _side_by_side(lambda: run(False), lambda: run(True), cfg.rounds)
-            echo(f"malloc, bare cnn batch {b}: glibc default {res['a']['median'] * 1e3:.2f} vs freed memory retained "
-                 f"{res['b']['median'] * 1e3:.2f} ms/step, speed-up {res['ratio']:.3f} (median of per-round ratios "
-                 f"{res['median_round_ratio']:.3f})")
-            rows.append(_row(f"malloc_system_over_retain_cnn_b{b}", res["ratio"], "x", a=res["a"], b=res["b"],
-                             batch_size=b, note="a: glibc's default malloc, b: freed memory retained "
-                             "(cosmolit.backends.memory); per-round ratios "
-                             + ", ".join(f"{r:.3f}" for r in res["round_ratios"])))
-    finally:
-        retain_freed_memory(before == "retain")
+    for b in sorted({2, cfg.batch_size}):
+        res = _side_by_side(lambda: _bare_cnn_in_child(False, b, cfg), lambda: _bare_cnn_in_child(True, b, cfg),
+                            cfg.rounds)
+        echo(f"malloc, bare cnn batch {b}: glibc default {res['a']['median'] * 1e3:.2f} vs freed memory retained "
+             f"{res['b']['median'] * 1e3:.2f} ms/step, speed-up {res['ratio']:.3f} (median of per-round ratios "
+             f"{res['median_round_ratio']:.3f})")
+        rows.append(_row(f"malloc_system_over_retain_cnn_b{b}", res["ratio"], "x", a=res["a"], b=res["b"],
+                         batch_size=b, note="a: glibc's default malloc, b: freed memory retained "
+                         "(cosmolit.backends.memory), each in a fresh process; per-round ratios "
+                         + ", ".join(f"{r:.3f}" for r in res["round_ratios"])))
     return rows
+
+
+def _bare_cnn_in_child(retain: bool, batch: int, cfg: OverheadConfig) -> list[float]:
+    """Step times (s) of the bare cnn loop in a fresh interpreter, with or without retained memory."""
+    import json
+    import subprocess
+    import sys
+    import torch
+
+    args = {"retain": retain, "batch": batch, "steps": cfg.steps, "warmup": cfg.warmup_steps,
+            "threads": torch.get_num_threads(), "seed": cfg.seed}
+    code = "import sys; from cosmolit.bench.overhead import _child_main; _child_main(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UsageError(f"bench overhead malloc: the timing process failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_main(arg: str) -> None:
+    """Entry of the fresh process of _bare_cnn_in_child: prints the step times as a JSON list."""
+    import json
+
+    import torch
+
+    from cosmolit.backends.memory import retain_freed_memory
+    from cosmolit.bench.train import build_bench_model, loss_function, model_optimizer, synthetic_pool
+
+    a = json.loads(arg)
+    if a["retain"] and not retain_freed_memory():
+        raise SystemExit("mallopt is not available here")
+    torch.set_num_threads(int(a["threads"]))
+    torch.manual_seed(a["seed"])
+    b = int(a["batch"])
+    model = build_bench_model("cnn").train()
+    x, y = synthetic_pool(2 * b, 6, 64, 3, a["seed"])
+    times = time_loop(loss_function(model), model_optimizer(model), [(x[:b], y[:b]), (x[b:], y[b:])],
+                      int(a["steps"]), int(a["warmup"]), torch.device("cpu"))
+    print(json.dumps(times))
 
 
 def run_overhead_bench(cfg: OverheadConfig, echo: Callable[[str], None] = print,
@@ -342,7 +366,7 @@ def run_overhead_bench(cfg: OverheadConfig, echo: Callable[[str], None] = print,
         if "mfu" in cfg.parts:
             rows += mfu(cfg, device, echo, factories.get("cnn"))
         if "malloc" in cfg.parts:
-            rows += malloc_overhead(cfg, device, echo, factories.get("cnn"))
+            rows += malloc_overhead(cfg, device, echo)  # the real cnn: its processes cannot take a factory
         env = capture_environment(cfg.accelerator, "32-true", "overhead")
     finally:
         torch.set_num_threads(previous)

@@ -80,6 +80,7 @@ def _root(
              "retaining makes CPU training steps faster by avoiding page faults)."),
 ) -> None:
     """cosmolit: galaxy-survey deep learning on CPU, GPU or IPU."""
-    from cosmolit.backends.memory import retain_freed_memory
+    if not system_malloc:
+        from cosmolit.backends.memory import retain_freed_memory
 
-    retain_freed_memory(not system_malloc)
+        retain_freed_memory()
