@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The issue-3 quality runs on CPU, end to end: simulate train and test sets (never trained on),
 # fit the shape CNN (isolated, blended), the Pyro BNN and the VAE with the configs/ presets, evaluate
-# each with `cosmolit evaluate`. About 80 minutes on 2 cores. Figures are copied into
+# each with `cosmolit evaluate`. About 2 h 40 min on 2 cores (the VAE alone 1 h 30 min). Figures are copied into
 # benchmarks/RESULTS.md by hand.
 #   bash benchmarks/run_quality.sh [WORKDIR]      (default: quality-runs/, created)
 set -euo pipefail
@@ -33,7 +33,9 @@ step "fit cnn (blends)"
 $C fit --model cnn --data blend_train.h5 --config "$CFG/cnn.yaml" --epochs 12 --accelerator cpu --out cnn_blend --force -q
 $C evaluate --ckpt cnn_blend/model.ckpt --data blend_test.h5 --out eval_cnn_blend --force -q
 
-step "fit vae"
-$C fit --model vae --data iso_train.h5 --config "$CFG/vae.yaml" --epochs 6 --accelerator cpu --out vae_iso --force -q
+step "fit vae"  # 20 epochs along the preset's cosine schedule, then resumed to 30 (the schedule re-read)
+$C fit --model vae --data iso_train.h5 --config "$CFG/vae.yaml" --epochs 20 --accelerator cpu --out vae_iso --force -q
+$C evaluate --ckpt vae_iso/model.ckpt --data iso_test.h5 --n-generate 1000 --out eval_vae20 --force -q
+$C fit --model vae --data iso_train.h5 --config "$CFG/vae.yaml" --epochs 30 --accelerator cpu --out vae_iso --resume -q
 $C evaluate --ckpt vae_iso/model.ckpt --data iso_test.h5 --n-generate 1000 --out eval_vae --force -q
 step done
