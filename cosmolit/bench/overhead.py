@@ -311,7 +311,7 @@ def _bare_cnn_in_child(retain: bool, batch: int, cfg: OverheadConfig) -> list[fl
     code = "import sys; from cosmolit.bench.overhead import _child_main; _child_main(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise UsageError(f"bench overhead malloc: the timing process failed: {proc.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"bench overhead malloc: the timing process failed:\n{proc.stderr}")  # not a user mistake
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
