@@ -69,29 +69,17 @@ def load_vae(ckpt: Optional[str | Path], device, factory: Optional[Callable] = N
     return vae.eval().to(device), "untrained default-size VAE (timing only)"
 
 
-def has_latent_flow(vae) -> bool:
-    return hasattr(vae, "flow") and hasattr(vae, "latent_scale")
-
-
 def sampler(vae) -> Callable[[int], "object"]:
     """generate(n) -> (n, C, H, W): flow sampling + decoding, without host synchronisation."""
     import torch
 
     def generate(n: int):
         with torch.no_grad():
-            if has_latent_flow(vae):
-                return vae.decode(flow_latents(vae, n))  # (n, C, H, W)
+            if hasattr(vae, "sample_latents"):
+                return vae.decode(vae.sample_latents(int(n)))  # (n, C, H, W)
             return vae.sample(int(n))
 
     return generate
-
-
-def flow_latents(vae, n: int):
-    """n latents (n, L) from the VAE's latent flow."""
-    import torch
-
-    with torch.no_grad():
-        return vae.flow.sample(int(n)) * vae.latent_scale + vae.latent_loc
 
 
 def decoder_only(vae, z) -> Callable[[], "object"]:
@@ -171,8 +159,8 @@ def _run(cfg, echo, progress, factory, label) -> dict:
                    "mode": cfg.mode, "repeats": cfg.repeats}
             line = (f"generate n {n:>5}: {stats['median']:.4f} s (IQR {stats['iqr']:.4f}, {cfg.repeats} repeats), "
                     f"{row['images_per_second']:.1f} img/s")
-            if has_latent_flow(vae):
-                decode, _ = prepare(decoder_only(vae, flow_latents(vae, n)))
+            if hasattr(vae, "sample_latents"):  # a GalaxyVAE: its latents can be drawn apart from decoding
+                decode, _ = prepare(decoder_only(vae, vae.sample_latents(int(n))))
                 row["decode_time"] = summarize(timed(decode))
                 line += f"; decoding alone {row['decode_time']['median']:.4f} s"
             if note:
