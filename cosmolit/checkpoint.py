@@ -165,6 +165,9 @@ def describe_checkpoint(path: str | Path) -> str:
     prov = hp.get("provenance") or {}
     if prov:
         lines.append(f"trained on      {prov.get('path', '?')} (seed {prov.get('seed', '?')}, n {prov.get('n', '?')})")
+    cal = meta.get("calibration") or {}
+    if cal:
+        lines.append(f"calibrated on   {cal.get('path', '?')} (seed {cal.get('seed', '?')}, n {cal.get('n', '?')})")
     lines.append("hyper-parameters:")
     for key, value in hp.items():
         if key in ("provenance",):

@@ -5,6 +5,8 @@ Batches:
   in the order of `targets`) for the shape networks;
 - target_kind="clean": (x, clean (B, C, H, W)) for the VAE, the file's noiseless `clean` stamps,
   or x itself when the file has none (`has_clean` False: the VAE is then an autoencoder).
+- inputs="clean": x is read from the noiseless `clean` stamps instead of `images` (the VAE with
+  `inputs: clean`, an autoencoder of noiseless galaxies); per-band normalisation from them too.
 
 Split: a seeded permutation (numpy default_rng(seed)) sends round(val_fraction * n) stamps to
 validation and the rest to training. The training order depends only on (seed, epoch)
@@ -41,6 +43,7 @@ from cosmolit.dataset import DatasetInfo, inspect_dataset
 from cosmolit.errors import UsageError
 
 TARGET_KINDS = ("truth", "clean")
+DATA_INPUTS = ("images", "clean")  # the stamps the network sees: noisy images, or the noiseless ones
 MAD_TO_SIGMA = 1.4826
 NORM_STAMPS = 2000  # at most this many training stamps for the normalisation
 NORM_PIXELS = 1 << 22  # and at most this many pixel values per band
@@ -151,8 +154,9 @@ class _Stamps(Dataset):
     """
 
     def __init__(self, path: str, index: np.ndarray, targets: Optional[np.ndarray], clean: bool,
-                 arrays: Optional[dict] = None, signs: Optional[np.ndarray] = None):
+                 arrays: Optional[dict] = None, signs: Optional[np.ndarray] = None, inputs: str = "images"):
         self.path, self.index, self.targets, self.clean, self.arrays = path, index, targets, clean, arrays
+        self.inputs = inputs  # the file dataset x is read from: images, or clean (then the target is x)
         self.signs = signs
         self._file = None
         self._pid = None
@@ -183,10 +187,10 @@ class _Stamps(Dataset):
             pos, sym = np.divmod(pos, AUGMENT_GROUP)
         rows = self.index[pos]
         uniq, inverse = np.unique(rows, return_inverse=True)  # h5py needs increasing rows
-        x = self._read("images", uniq)[inverse]  # (b, C, H, W)
+        x = self._read(self.inputs, uniq)[inverse]  # (b, C, H, W)
         if self.targets is not None:
             t = self.targets[pos]  # (b, T)
-        elif self.clean:
+        elif self.clean and self.inputs != "clean":
             t = self._read("clean", uniq)[inverse]  # (b, C, H, W)
         else:
             t = x
@@ -196,7 +200,7 @@ class _Stamps(Dataset):
                 transpose, one_flip = (sym & 4) > 0, ((sym & 1) ^ ((sym >> 1) & 1)) > 0  # (b,) each
                 t = t * np.where(transpose[:, None], self.signs[:, 0], 1.0) * np.where(one_flip[:, None], self.signs[:, 1], 1.0)
                 t = t.astype(np.float32)
-            elif self.clean:
+            elif self.clean and self.inputs != "clean":
                 t = [apply_symmetry(t[k], g) for k, g in enumerate(sym)]
             else:
                 t = x
@@ -222,8 +226,11 @@ class GalaxyDataModule(pl.LightningDataModule):
         in_memory: Optional[bool] = None,
         limit: Optional[int] = None,
         augment: bool = False,
+        inputs: str = "images",
     ):
         super().__init__()
+        if inputs not in DATA_INPUTS:
+            raise UsageError(f"inputs {inputs!r} is not allowed; choose one of {', '.join(DATA_INPUTS)}")
         if target_kind not in TARGET_KINDS:
             raise UsageError(f"target_kind {target_kind!r} is not allowed; choose one of {', '.join(TARGET_KINDS)}")
         targets = list(targets) if targets is not None else []
@@ -247,6 +254,10 @@ class GalaxyDataModule(pl.LightningDataModule):
         self.augment = bool(augment)
         self._signs = augment_signs(self.targets) if self.augment else None
         self._info = inspect_dataset(self.path, require_truth=self.targets)
+        self.inputs = inputs
+        if inputs == "clean" and not self._info.has_clean:
+            raise UsageError(f"dataset {self.path!r} has no noiseless 'clean' stamps to use as inputs; "
+                             "simulate it with cosmolit simulate (which writes them) or train on the noisy images")
         self.n = min(self._info.n, int(limit)) if limit is not None else self._info.n
         n_val = int(round(self.n * self.val_fraction))
         n_val = min(max(n_val, 1), self.n - 1)
@@ -305,7 +316,7 @@ class GalaxyDataModule(pl.LightningDataModule):
         if self.in_memory is not None:
             return bool(self.in_memory)
         c, h, w = len(self._info.bands), self._info.height, self._info.width
-        copies = 2 if (self.target_kind == "clean" and self.has_clean) else 1
+        copies = 2 if (self.target_kind == "clean" and self.has_clean and self.inputs == "images") else 1
         need = self.n * c * h * w * 4 * copies
         return need <= RAM_FRACTION * available_memory()
 
@@ -345,19 +356,19 @@ class GalaxyDataModule(pl.LightningDataModule):
         k = max(1, min(NORM_STAMPS, self.train_size, NORM_PIXELS // (h * w)))
         pick = np.unique(self.train_index[np.linspace(0, self.train_size - 1, k).round().astype(np.int64)])
         if arrays is not None:
-            sample = arrays["images"][pick]
+            sample = arrays[self.inputs][pick]
         else:
             import h5py
 
             with h5py.File(self.path, "r") as f:
-                sample = np.asarray(f["images"][pick], dtype=np.float32)  # (k, C, H, W)
+                sample = np.asarray(f[self.inputs][pick], dtype=np.float32)  # (k, C, H, W)
         return [band_scale(sample[:, b].ravel()) for b in range(c)]
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._train is not None:
             return
         clean = self.target_kind == "clean" and self.has_clean
-        names = ["images"] + (["clean"] if clean else [])
+        names = [self.inputs] + (["clean"] if clean and self.inputs != "clean" else [])
         keep = self._use_memory()
         arrays = self._scan(names, keep)
         self._normalisation = self._compute_normalisation(arrays if keep else None)
@@ -380,7 +391,7 @@ class GalaxyDataModule(pl.LightningDataModule):
         held = arrays if keep else None
 
         def part(index, signs=None):
-            return _Stamps(self.path, index, None if truth is None else truth[index], clean, held, signs)
+            return _Stamps(self.path, index, None if truth is None else truth[index], clean, held, signs, self.inputs)
 
         self._train, self._val = part(self.train_index, self._signs), part(self.val_index)
         self.train_sampler = EpochShuffleSampler(len(self.train_index), self.seed, augment=self.augment)

@@ -92,3 +92,37 @@ def load_images(path, limit: int | None = None, batch_size: int = 256, dataset: 
             break
     images = np.concatenate(blocks)
     return images if limit is None else images[:limit]
+
+
+def calibrate_checkpoint(ckpt: Path, data: Path, out: Path, batch_size: int = 64, device: str = "cpu",
+                         progress: bool = True, echo=None) -> dict:
+    """Measure a shape network's response and uncertainty calibration again on a dataset of its own
+    (usually a simulation much larger than the validation split, never the test set) and write the
+    checkpoint with it to `out`. The weights are untouched; the new calibration replaces the old and
+    is recorded, with the dataset's path, seed and size, under checkpoint["cosmolit"]["calibration"].
+    Returns that record."""
+    import torch
+
+    from cosmolit.checkpoint import load_model, save_checkpoint_atomic
+    from cosmolit.models.targets import calibrate
+
+    model, kind, checkpoint = load_model(ckpt)
+    if kind == "vae":
+        raise UsageError(f"checkpoint {str(ckpt)!r} holds a vae model; only cnn and bnn checkpoints are calibrated")
+    targets = list(model.hparams["targets"])
+    info = inspect_dataset(data, require_truth=targets)
+    model.check_compatible(info)
+    truth = np.stack([np.asarray(v, dtype=np.float32) for v in read_truth(data, targets).values()], axis=1)
+    batches = ((torch.from_numpy(block), torch.from_numpy(truth[start:start + len(block)]))
+               for start, block in iter_images(data, batch_size))
+    found = calibrate(model.to(device), batches, echo=echo, progress=progress, n=info.n, source=str(data))
+    state = checkpoint["state_dict"]
+    for name, value in model.state_dict().items():
+        if name.startswith("target_transform."):
+            state[name] = value.detach().cpu().clone()
+    record = {"path": str(Path(data).resolve()), "seed": int(info.seed), "n": int(info.n), **found}
+    meta = dict(checkpoint.get("cosmolit") or {})
+    meta["calibration"] = record
+    checkpoint["cosmolit"] = meta
+    save_checkpoint_atomic(checkpoint, out)
+    return record

@@ -334,6 +334,7 @@ def fit(
         in_memory=cfg.data.in_memory,
         limit=cfg.data.limit,
         augment=cfg.data.augment,
+        inputs="clean" if getattr(model_cfg, "inputs", "noisy") == "clean" else "images",
     )
     dm.setup("fit")
     info = dm.info

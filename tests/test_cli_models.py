@@ -163,3 +163,92 @@ def test_evaluate_vae_compares_with_the_clean_stamps(fitted, synthetic_small_h5,
         assert simulated != pytest.approx(np.median(noisy_flux[:, k]), rel=1e-4)
     assert {"size", "abs_e"} <= set(metrics["ks"])
     assert "noiseless" in (out / "report.md").read_text()
+
+
+def _raw_predictions(ckpt, data):
+    """Uncalibrated e1, e2 means of a CNN checkpoint on a file, and the truth."""
+    import torch
+
+    from cosmolit.checkpoint import load_model
+    from cosmolit.dataset import iter_images, read_truth
+
+    net, _, _ = load_model(ckpt)
+    with torch.no_grad():
+        pred = np.concatenate([net.estimate(torch.from_numpy(b), calibrated=False)["mean"].numpy()
+                               for _, b in iter_images(data, 16)])
+    truth = read_truth(data, ["e1", "e2"])
+    return pred[:, :2].astype(np.float64), np.stack([truth["e1"], truth["e2"]], 1).astype(np.float64)
+
+
+def test_calibrate_refits_the_response_on_another_dataset(fitted, tmp_path, monkeypatch):
+    import torch
+
+    from cosmolit.models import targets as targets_module
+    from cosmolit.synthetic import write_synthetic_dataset
+
+    # one epoch on 48 stamps learns no e1, e2 (slopes ~0.005): let any slope through so that the
+    # response path is what this test checks, not the "left uncalibrated" one
+    monkeypatch.setattr(targets_module, "MIN_RESPONSE", 0.0)
+
+    cal = write_synthetic_dataset(tmp_path / "cal.h5", n=40, bands="gri", size=32, seed=12)
+    src = fitted["cnn"] / "model.ckpt"
+    out = tmp_path / "recal.ckpt"
+    output = run("calibrate", "--ckpt", src, "--data", cal, "--out", out, "-q", "--accelerator", "cpu")
+    assert "40 stamps, seed 12" in output
+    old, new = (torch.load(p, weights_only=True) for p in (src, out))
+    # the weights are untouched; only the calibration buffers changed
+    changed = {k for k in old["state_dict"] if not torch.equal(old["state_dict"][k], new["state_dict"][k])}
+    assert changed <= {"target_transform.response", "target_transform.sigma_scale"} and changed
+    # the response is the slope through the origin of the raw predictions on the calibration set
+    pred, truth = _raw_predictions(src, cal)
+    response = new["state_dict"]["target_transform.response"]
+    slopes = [float(truth[:, k] @ pred[:, k] / (truth[:, k] @ truth[:, k])) for k in range(2)]
+    assert max(slopes) > 0  # at least one component takes the response path
+    for k, slope in enumerate(slopes):
+        expected = [slope, 0.0] if slope > 0 else [1.0, 0.0]  # a negative slope is left uncalibrated
+        assert response[k].tolist() == pytest.approx(expected, rel=1e-4)
+    record = new["cosmolit"]["calibration"]
+    assert (record["seed"], record["n"], Path(record["path"])) == (12, 40, cal.resolve())
+    assert run("info", out).count("calibrated on") == 1
+    # evaluate names the calibration set
+    run("evaluate", "--ckpt", out, "--data", cal, "--out", tmp_path / "ev", "--no-hsm", "-q", "--accelerator", "cpu")
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["calibration_source"] == {"path": str(cal.resolve()), "seed": 12, "n": 40}
+    assert "seed 12, 40 stamps" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_calibrate_bnn_and_bad_input(fitted, synthetic_small_h5, tmp_path):
+    out = tmp_path / "bnn.ckpt"
+    run("calibrate", "--ckpt", fitted["bnn"] / "model.ckpt", "--data", synthetic_small_h5, "--out", out, "-q",
+        "--accelerator", "cpu")
+    assert out.is_file()
+    before = out.read_bytes()
+    for args, words in [
+        (["--ckpt", fitted["bnn"] / "model.ckpt", "--out", out], "already exists"),
+        (["--ckpt", fitted["vae"] / "model.ckpt", "--out", tmp_path / "v.ckpt"], "only cnn and bnn"),
+        (["--ckpt", fitted["cnn"] / "model.ckpt", "--out", tmp_path / "c.ckpt", "--batch-size", "0"], "positive"),
+    ]:
+        res = CliRunner().invoke(app, ["calibrate", "--data", str(synthetic_small_h5), "-q",
+                                       *[str(a) for a in args]])
+        assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, res.output
+    assert out.read_bytes() == before  # nothing overwritten
+    assert not (tmp_path / "v.ckpt").exists() and not (tmp_path / "c.ckpt").exists()
+
+
+def test_vae_trained_on_clean_inputs(synthetic_small_h5, tmp_path):
+    import torch
+
+    cfg = tmp_path / "vae.yaml"
+    cfg.write_text(TINY["vae"].rstrip("}\n") + ", inputs: clean}\n")
+    run("fit", "--model", "vae", "--data", synthetic_small_h5, "--out", tmp_path / "v", "--config", cfg,
+        "--epochs", "1", "--batch-size", "8", "--accelerator", "cpu", "-q")
+    ckpt = torch.load(tmp_path / "v" / "model.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["inputs"] == "clean"
+    run("evaluate", "--ckpt", tmp_path / "v" / "model.ckpt", "--data", synthetic_small_h5, "--out", tmp_path / "ev",
+        "--n-generate", "16", "-q", "--accelerator", "cpu")
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["reference_images"] == "clean"
+    cfg.write_text(TINY["vae"].rstrip("}\n") + ", inputs: noiseless}\n")
+    res = CliRunner().invoke(app, ["fit", "--model", "vae", "--data", str(synthetic_small_h5), "--out",
+                                   str(tmp_path / "bad"), "--config", str(cfg), "-q"])
+    assert res.exit_code == 2 and "model.inputs: 'noiseless' is not allowed" in res.output, res.output
+    assert not (tmp_path / "bad").exists()

@@ -75,6 +75,27 @@ def test_clean_targets(synthetic_small_h5):
     assert dm.has_clean and np.array_equal(t.numpy(), clean[dm.val_index[:4]]) and not torch.equal(x, t)
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_clean_inputs_feed_the_noiseless_stamps_and_refuse_a_file_without_them(synthetic_small_h5, tmp_path, in_memory):
+    from cosmolit.data import AUGMENT_GROUP, apply_symmetry
+    from cosmolit.synthetic import write_synthetic_dataset
+
+    images, clean = _file_arrays(synthetic_small_h5)
+    dm = GalaxyDataModule(synthetic_small_h5, targets=None, target_kind="clean", batch_size=4, seed=0,
+                          inputs="clean", in_memory=in_memory, augment=True)
+    x, t = next(iter(dm.val_dataloader()))
+    assert np.array_equal(x.numpy(), clean[dm.val_index[:4]]) and torch.equal(x, t)
+    (x3, t3), = dm._train.__getitems__([2 * AUGMENT_GROUP + 5])  # augmented: input and target turn together
+    assert np.array_equal(x3.numpy(), apply_symmetry(clean[dm.train_index[2]], 5)) and torch.equal(x3, t3)
+    noisy = GalaxyDataModule(synthetic_small_h5, targets=None, target_kind="clean", batch_size=4, seed=0)
+    assert dm.normalisation != noisy.normalisation  # scaled from the stamps the network sees
+    with pytest.raises(UsageError, match="no noiseless 'clean' stamps"):
+        GalaxyDataModule(write_synthetic_dataset(tmp_path / "noclean.h5", n=8, bands="gri", size=32, clean=False),
+                         targets=None, target_kind="clean", inputs="clean")
+    with pytest.raises(UsageError, match="inputs 'truth' is not allowed"):
+        GalaxyDataModule(synthetic_small_h5, targets=None, target_kind="clean", inputs="truth")
+
+
 def test_normalisation_is_robust_noise_sigma_of_training_stamps(synthetic_small_h5, tmp_path):
     from cosmolit.synthetic import write_synthetic_dataset
 

@@ -91,7 +91,7 @@ def evaluate_cmd(
     if (out / "metrics.json").exists() and not force:
         raise UsageError(f"{str(out / 'metrics.json')!r} already exists; pass --force to overwrite it")
     device = inference_device(accelerator)
-    net, kind, _ = load_model(ckpt, expected=model)
+    net, kind, checkpoint = load_model(ckpt, expected=model)
     targets = list(net.hparams.get("targets", []) or [])
     info = inspect_dataset(data, require_truth=targets)
     net.check_compatible(info)
@@ -124,6 +124,7 @@ def evaluate_cmd(
                 (lambda: iter_images(data, 256)) if not no_hsm else None, info, kind,
                 epistemic_cov=preds.get("epistemic_cov"), hsm=not no_hsm, progress=progress,
                 response=net.target_transform.responses(), sigma_scale=net.target_transform.sigma_scales(),
+                calibration_source=(checkpoint.get("cosmolit") or {}).get("calibration"),
             )
     except BaseException:
         if created:  # nothing half-written: drop the folder this run made
@@ -151,7 +152,9 @@ def _reconstructions(net, data, info, device, n: int = 8):
 
     with h5py.File(data, "r") as f:
         k = min(n, info.n)
-        inputs = np.asarray(f["images"][:k], dtype=np.float32)
+        # a VAE trained on the noiseless stamps (inputs: clean) is shown those
+        source = "clean" if net.hparams.get("inputs") == "clean" and "clean" in f else "images"
+        inputs = np.asarray(f[source][:k], dtype=np.float32)
         targets = np.asarray(f["clean"][:k], dtype=np.float32) if "clean" in f else inputs
     with torch.no_grad():
         recon = net.to(device).reconstruct(torch.from_numpy(inputs).to(device)).float().cpu().numpy()
@@ -188,6 +191,32 @@ def predict_cmd(
     write_predictions(out, data, preds, targets, {"prediction_checkpoint": str(ckpt), "prediction_model": kind})
     typer.echo(f"wrote predictions of {', '.join(targets)} for {info.n} stamps to {out} "
                f"(predictions/{', predictions/'.join(preds)})")
+
+
+@command("calibrate")
+def calibrate_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="A CNN or BNN checkpoint written by cosmolit fit."),
+    data: Path = typer.Option(..., "--data", "-d", help="Calibration dataset (.h5) with truth: not the test set."),
+    out: Path = typer.Option(..., "--out", "-o", help="The recalibrated checkpoint (.ckpt) to write."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    accelerator: str = typer.Option("auto", "--accelerator", "-a", help="auto, cpu or gpu."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out (even --ckpt itself)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Measure a shape network's response (1 + m, c) and uncertainty calibration again on a larger
+    simulation and write a checkpoint that removes them; the weights are unchanged."""
+    from cosmolit.dataset import check_output_path
+    from cosmolit.infer import calibrate_checkpoint, inference_device
+
+    _positive(batch_size, "--batch-size")
+    check_output_path(out, force, what="--out")
+    device = inference_device(accelerator)
+    record = calibrate_checkpoint(ckpt, data, out, batch_size=batch_size, device=device, progress=not quiet)
+    typer.echo(f"calibrated {ckpt} on {data} ({record['n']} stamps, seed {record['seed']})")
+    for name, r in record["response"].items():
+        typer.echo(f"  {name}: response 1 + m = {r['slope']:.4f}, c = {r['intercept']:+.5f}; removed from predictions")
+    typer.echo("  factor on sigma: " + ", ".join(f"{name} {v:.3f}" for name, v in record["sigma_scale"].items()))
+    typer.echo(f"  checkpoint  {out}")
 
 
 @command("generate")

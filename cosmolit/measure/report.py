@@ -135,7 +135,7 @@ def _target_metrics(name: str, pred, true) -> dict:
 def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], truth: dict,
                     images, dataset_info, model_kind: str, epistemic_cov=None, hsm: bool = True,
                     progress: bool = True, hsm_band: str | None = None, response: dict | None = None,
-                    sigma_scale: dict | None = None) -> dict:
+                    sigma_scale: dict | None = None, calibration_source: dict | None = None) -> dict:
     """Evaluate shape / redshift predictions; write metrics.json, report.md and PNGs into out_dir.
 
     y_true, mean: (N, T); cov: (N, T, T) predicted covariance (total for the BNN) or None;
@@ -145,7 +145,8 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
     model_kind: "cnn" | "bnn"; epistemic_cov: (N, T, T) or None; hsm_band: band HSM measures
     (default i, else r); response: {target: {slope, intercept}} the model removed from its
     predictions (cosmolit.models.targets) and sigma_scale: {target: factor} its uncertainty
-    calibration, both recorded as is. Returns the metrics dict (as written,
+    calibration, both recorded as is, with calibration_source ({path, seed, n} of the dataset
+    `cosmolit calibrate` measured them on; None: the validation split). Returns the metrics dict (as written,
     NaN -> None).
     """
     from cosmolit.measure import plots
@@ -177,6 +178,8 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
         "ellipticity_convention": "distortion |e| = (a^2 - b^2)/(a^2 + b^2); e_obs = (1 + m) e_true + c",
         "response_calibration": dict(response or {}),
         "uncertainty_calibration": dict(sigma_scale or {}),
+        "calibration_source": ({k: calibration_source.get(k) for k in ("path", "seed", "n")}
+                               if calibration_source else "validation split"),
     }
     for j, name in enumerate(names):
         metrics[name] = _target_metrics(name, mu[:, j], y[:, j])
@@ -301,11 +304,14 @@ def _shapes_report(m: dict, figures) -> str:
             lines.append(f"| {nm} | {_fmt(t['rmse'])} | {_fmt(t['m'])} ± {_fmt(t['m_err'])} | "
                          f"{_fmt(t['c'], '.5f')} ± {_fmt(t['c_err'], '.5f')} | {t['n']} |")
         lines.append("")
+    source = m.get("calibration_source")
+    source = (f"{source.get('path')} (seed {source.get('seed')}, {source.get('n')} stamps)"
+              if isinstance(source, dict) else "its validation split")
     for nm, r in (m.get("response_calibration") or {}).items():
         lines.append(f"- {nm}: the model removes the response 1 + m = {_fmt(r['slope'], '.4f')}, "
-                     f"c = {_fmt(r['intercept'], '.5f')} that it measured on its validation split.")
+                     f"c = {_fmt(r['intercept'], '.5f')} that it measured on {source}.")
     if m.get("uncertainty_calibration"):
-        lines.append("- uncertainty calibration (factor on each predicted sigma, fitted on the validation split): "
+        lines.append(f"- uncertainty calibration (factor on each predicted sigma, fitted on {source}): "
                      + ", ".join(f"{nm} {_fmt(v, '.3f')}" for nm, v in m["uncertainty_calibration"].items()) + ".")
     if m.get("response_calibration") or m.get("uncertainty_calibration"):
         lines.append("")

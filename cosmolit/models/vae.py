@@ -28,6 +28,15 @@ al. 2021). `recon_sigma` chooses it:
 The target t is the normalised clean (noiseless) stamp when the dataset has one (the VAE is
 then a denoiser, as in the study), else the noisy input itself (an autoencoder); the data
 module decides, the batch is (x_noisy, target).
+
+Inputs (`inputs` hyper-parameter). `noisy` (default, the study) trains the denoiser above.
+`clean` feeds the encoder the noiseless stamps too (batch (x_clean, x_clean)), an autoencoder of
+noiseless galaxies, which is what a generator of galaxy images wants: a denoiser can only
+reconstruct what the noise leaves of a faint galaxy, and the mean of the shapes compatible with a
+noisy stamp is rounder than the galaxy. Measured on 1,000 isolated test stamps with the 30-epoch
+denoiser of session 5: the median |e| of its reconstructions was 0.063 against 0.099 for the
+noiseless stamps (KS 0.21), and of its flow samples 0.068 (KS 0.19), while their sizes matched
+(KS 0.04 to 0.06).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ LOG_SIGMA_MIN = -7.0  # floor of the learned log sigma (asinh units)
 FLOW_LATENTS = ("sample", "mean")
 RECON_SIGMAS = ("optimal", "learned")  # or a positive number; None (older checkpoints) = learned
 CPU_CHUNK = 32  # latents decoded at once by `generate` on CPU
+VAE_INPUTS = ("noisy", "clean")  # what the encoder sees in training (see the module docstring)
 
 
 @dataclass
@@ -71,15 +81,17 @@ class GalaxyVAEConfig:
     flow_batch_size: int = 256
     flow_lr: float = 1e-3
     flow_latents: Literal["sample", "mean"] = "sample"
+    inputs: Literal["noisy", "clean"] = "noisy"
 
     def __post_init__(self):
         _check_hparams(self.latent_dim, self.filters, self.prelu, self.kl_weight, self.recon_sigma, self.lr,
                        self.flow_layers, self.flow_hidden, self.flow_epochs, self.flow_batch_size, self.flow_lr,
-                       self.flow_latents, self.lr_schedule)
+                       self.flow_latents, self.lr_schedule, self.inputs)
 
 
 def _check_hparams(latent_dim, filters, prelu, kl_weight, recon_sigma, lr, flow_layers, flow_hidden,
-                   flow_epochs, flow_batch_size, flow_lr, flow_latents, lr_schedule="constant") -> None:
+                   flow_epochs, flow_batch_size, flow_lr, flow_latents, lr_schedule="constant",
+                   inputs="noisy") -> None:
     if latent_dim < 2:
         raise ValueError(f"latent_dim must be an integer >= 2, got {latent_dim}")
     check_network_hparams(filters, prelu, lr, lr_schedule=lr_schedule)
@@ -100,6 +112,8 @@ def _check_hparams(latent_dim, filters, prelu, kl_weight, recon_sigma, lr, flow_
         raise ValueError(f"flow_epochs and flow_batch_size must be >= 1, got {flow_epochs}, {flow_batch_size}")
     if flow_latents not in FLOW_LATENTS:
         raise ValueError(f"flow_latents {flow_latents!r} is not allowed; choose one of {', '.join(FLOW_LATENTS)}")
+    if inputs not in VAE_INPUTS:
+        raise ValueError(f"inputs {inputs!r} is not allowed; choose one of {', '.join(VAE_INPUTS)}")
 
 
 def gaussian_kl(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -145,12 +159,13 @@ class GalaxyVAE(CosmolitModule):
         flow_batch_size: int = 256,
         flow_lr: float = 1e-3,
         flow_latents: str = "sample",
+        inputs: str = "noisy",
         provenance: Optional[dict] = None,
     ):
         filters, flow_hidden = [int(f) for f in filters], [int(h) for h in flow_hidden]
         try:
             _check_hparams(latent_dim, filters, prelu, kl_weight, recon_sigma, lr, flow_layers, flow_hidden,
-                           flow_epochs, flow_batch_size, flow_lr, flow_latents, lr_schedule)
+                           flow_epochs, flow_batch_size, flow_lr, flow_latents, lr_schedule, inputs)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         super().__init__(bands=bands, stamp=stamp, normalisation=normalisation, provenance=provenance)
