@@ -353,6 +353,24 @@ def test_symmetrised_estimate_is_exactly_equivariant(synthetic_small_h5):
         ShapeCNN(symmetrise=True, targets=("e1", "nb0_dx"), **SMALL)
 
 
+def test_estimate_in_cpu_chunks_equals_one_pass(synthetic_small_h5):
+    """Without autograd on CPU, estimate runs in chunks of CPU_CHUNK stamps (cache); the result is the
+    one-pass result, stamp for stamp, and gradients still flow through a single pass."""
+    from cosmolit.models import cnn
+
+    _, x, _ = _batch(synthetic_small_h5)
+    x = torch.cat([x] * (cnn.CPU_CHUNK // len(x) + 2))[: cnn.CPU_CHUNK * 2 + 3]  # 2 chunks and a remainder
+    torch.manual_seed(0)
+    model = cnn.ShapeCNN(symmetrise=True, target_stats=[[0.01, 0.3], [-0.02, 0.3], [0.8, 0.4]], **SMALL).eval()
+    with torch.no_grad():
+        chunked = model.estimate(x)
+        whole = [model.estimate(x[i:i + 1]) for i in range(len(x))]
+    for key in ("mean", "cov"):
+        assert chunked[key].shape[0] == len(x)
+        assert torch.allclose(chunked[key], torch.cat([w[key] for w in whole]), atol=1e-6), key
+    assert model.estimate(x)["mean"].requires_grad  # with autograd: one pass, differentiable
+
+
 def test_symmetrised_response_of_spin2_targets_goes_through_the_origin():
     from cosmolit.models.targets import TargetTransform
 

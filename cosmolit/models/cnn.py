@@ -27,6 +27,10 @@ from cosmolit.models.targets import (N_SYMMETRIES, TargetTransform, check_shape_
 from cosmolit.nn.gaussian import GaussianHead, covariance, head_to_gaussian
 from cosmolit.nn.trunk import Trunk
 
+# stamps predicted at once by `estimate` on CPU without autograd: the activations of 16 stamps stay
+# in cache; 64 stamps at once took 1.5x longer per stamp (isolated CNN, 8 symmetries, one thread)
+CPU_CHUNK = 16
+
 DEFAULT_TARGETS = ("e1", "e2", "redshift")
 
 
@@ -94,6 +98,9 @@ class ShapeCNN(CosmolitModule):
     def estimate(self, x: torch.Tensor, calibrated: bool = True) -> dict[str, torch.Tensor]:
         """Predictions for raw images x: {'mean' (B, T), 'cov' (B, T, T)}; with the `symmetrise`
         hyper-parameter, averaged over the 8 grid symmetries (cosmolit.models.targets)."""
+        if x.device.type == "cpu" and len(x) > CPU_CHUNK and not torch.is_grad_enabled():
+            parts = [self.estimate(x[i:i + CPU_CHUNK], calibrated) for i in range(0, len(x), CPU_CHUNK)]
+            return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         if not self.hparams.get("symmetrise", False):
             mean, scale_tril = self(x, calibrated)
             return {"mean": mean, "cov": covariance(scale_tril)}
