@@ -98,6 +98,20 @@ def test_vectorised_prediction_equals_separate_passes(batch):
     assert torch.allclose(out["epistemic_cov"], epi, rtol=1e-3, atol=1e-9)
 
 
+def test_cpu_passes_in_chunks_equal_the_vectorised_draws(batch):
+    """On CPU a draw's pass over 8 stamps x 8 symmetries (64 images) goes CPU_CHUNK images at a time;
+    the moments equal those of the vectorised path (whole batch in one pass), same draws."""
+    from cosmolit.models.targets import CPU_CHUNK
+
+    x, _ = batch
+    model = small_model(symmetrise=True).eval()
+    assert 8 * len(x) > 2 * CPU_CHUNK
+    chunked = model.predict_samples(x, samples=3, seed=5, vectorise=False)
+    whole = model.predict_samples(x, samples=3, seed=5, vectorise=True)
+    for key in chunked:
+        assert torch.allclose(chunked[key], whole[key], rtol=1e-4, atol=1e-7), key
+
+
 def test_same_seed_same_prediction_and_samples_must_be_positive(batch):
     x, _ = batch
     model = small_model()

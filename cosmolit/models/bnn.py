@@ -43,7 +43,7 @@ from torch.func import functional_call, vmap
 from cosmolit.backends import mark_loss
 from cosmolit.models.base import CosmolitModule, check_network_hparams
 from cosmolit.nn.bayes import MeanFieldWeights, build_shape_net, normal_kl_zero_mean, run_shape_net, strip_weights
-from cosmolit.models.targets import (N_SYMMETRIES, TargetTransform, check_shape_hparams, default_calibrate,
+from cosmolit.models.targets import (CPU_CHUNK, N_SYMMETRIES, TargetTransform, check_shape_hparams, default_calibrate,
                                      monitored_metric, shape_loss, standardised_mse, transform_images)
 from cosmolit.nn.gaussian import covariance
 
@@ -286,9 +286,12 @@ class BayesianShapeCNN(CosmolitModule):
                 draws = self.posterior.as_dict(self.posterior.rsample(samples=s, generator=gen, detach=True))
                 if vectorise:
                     mean, scale_tril = vmap(lambda w: functional_call(self.net, w, (xn,)))(draws)  # (s, n_sym B, T), (.., T, T)
-                else:
-                    mean, scale_tril = functional_call(self.net, {k: w[0] for k, w in draws.items()}, (xn,))
-                    mean, scale_tril = mean.unsqueeze(0), scale_tril.unsqueeze(0)  # (1, n_sym B, T), (1, n_sym B, T, T)
+                else:  # one draw; on CPU its pass goes CPU_CHUNK images at a time (cache), same values
+                    weights = {k: w[0] for k, w in draws.items()}
+                    step = CPU_CHUNK if xn.device.type == "cpu" else len(xn)
+                    parts = [functional_call(self.net, weights, (xn[i:i + step],)) for i in range(0, len(xn), step)]
+                    mean = torch.cat([p[0] for p in parts]).unsqueeze(0)  # (1, n_sym B, T)
+                    scale_tril = torch.cat([p[1] for p in parts]).unsqueeze(0)  # (1, n_sym B, T, T)
                 mean, scale_tril = tt.to_physical(mean, scale_tril, calibrated=False)
                 mean = mean.view(s, n_sym, batch, -1) * sign  # (s, n_sym, B, T), turned back
                 cov = covariance(scale_tril).view(s, n_sym, batch, *scale_tril.shape[-2:])

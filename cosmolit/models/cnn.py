@@ -22,14 +22,10 @@ import torch
 from cosmolit.backends import mark_loss
 from cosmolit.errors import UsageError
 from cosmolit.models.base import CosmolitModule, check_network_hparams
-from cosmolit.models.targets import (N_SYMMETRIES, TargetTransform, check_shape_hparams, default_calibrate,
+from cosmolit.models.targets import (CPU_CHUNK, N_SYMMETRIES, TargetTransform, check_shape_hparams, default_calibrate,
                                      monitored_metric, shape_loss, standardised_mse, transform_images)
 from cosmolit.nn.gaussian import GaussianHead, covariance, head_to_gaussian
 from cosmolit.nn.trunk import Trunk
-
-# stamps predicted at once by `estimate` on CPU without autograd: the activations of 16 stamps stay
-# in cache; 64 stamps at once took 1.5x longer per stamp (isolated CNN, 8 symmetries, one thread)
-CPU_CHUNK = 16
 
 DEFAULT_TARGETS = ("e1", "e2", "redshift")
 
