@@ -231,6 +231,13 @@ def test_calibrate_bnn_and_bad_input(fitted, synthetic_small_h5, tmp_path):
         res = CliRunner().invoke(app, ["calibrate", "--data", str(synthetic_small_h5), "-q",
                                        *[str(a) for a in args]])
         assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, res.output
+    nan = tmp_path / "nan.h5"
+    nan.write_bytes(Path(synthetic_small_h5).read_bytes())
+    with h5py.File(nan, "r+") as f:
+        f["truth/e2"][3] = np.nan
+    res = CliRunner().invoke(app, ["calibrate", "--data", str(nan), "--ckpt", str(fitted["cnn"] / "model.ckpt"),
+                                   "--out", str(tmp_path / "n.ckpt"), "-q"])
+    assert res.exit_code == 2 and "truth/e2 is NaN/Inf" in res.output and not (tmp_path / "n.ckpt").exists()
     assert out.read_bytes() == before  # nothing overwritten
     assert not (tmp_path / "v.ckpt").exists() and not (tmp_path / "c.ckpt").exists()
 
