@@ -17,15 +17,24 @@ sim iso_train.h5 --n 10000 --seed 100
 sim iso_test.h5 --n 2000 --seed 200
 sim iso_test500.h5 --n 500 --seed 300
 sim mixed_test500.h5 --n 500 --seed 400 --blend-fraction 0.5
+sim iso_cal40k.h5 --n 40000 --seed 700   # calibration and test sets for m and c (7.9 GB each)
+sim iso_test40k.h5 --n 40000 --seed 800
+sim iso_cal2k.h5 --n 2000 --seed 900     # calibration set of the BNN
 
 step "fit cnn (isolated)"
 $C fit --model cnn --data iso_train.h5 --config "$CFG/cnn.yaml" --epochs 12 --accelerator cpu --out cnn_iso --force -q
 $C evaluate --ckpt cnn_iso/model.ckpt --data iso_test.h5 --out eval_cnn_iso --force -q
+step "recalibrate the cnn on 40,000 stamps, m and c on 40,000 others"
+$C calibrate --ckpt cnn_iso/model.ckpt --data iso_cal40k.h5 --out cnn_iso/model-cal40k.ckpt --force -q
+$C evaluate --ckpt cnn_iso/model-cal40k.ckpt --data iso_test40k.h5 --no-hsm --out eval_cnn_cal40k --force -q
 
 step "fit bnn (isolated)"
 $C fit --model bnn --data iso_train.h5 --config "$CFG/bnn.yaml" --epochs 10 --batch-size 32 --accelerator cpu --out bnn_iso --force -q
 $C evaluate --ckpt bnn_iso/model.ckpt --data iso_test500.h5 --samples 32 --out eval_bnn_iso --force -q
 $C evaluate --ckpt bnn_iso/model.ckpt --data mixed_test500.h5 --samples 32 --no-hsm --out eval_bnn_mixed --force -q
+$C calibrate --ckpt bnn_iso/model.ckpt --data iso_cal2k.h5 --out bnn_iso/model-cal2k.ckpt --force -q
+$C evaluate --ckpt bnn_iso/model-cal2k.ckpt --data iso_test500.h5 --samples 32 --out eval_bnn_cal2k_iso500 --force -q
+$C evaluate --ckpt bnn_iso/model-cal2k.ckpt --data mixed_test500.h5 --samples 32 --no-hsm --out eval_bnn_cal2k_mixed --force -q
 
 sim blend_train.h5 --n 10000 --seed 500 --config "$CFG/simulate/blends.yaml"
 sim blend_test.h5 --n 2000 --seed 600 --config "$CFG/simulate/blends.yaml"

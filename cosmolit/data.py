@@ -6,7 +6,8 @@ Batches:
 - target_kind="clean": (x, clean (B, C, H, W)) for the VAE, the file's noiseless `clean` stamps,
   or x itself when the file has none (`has_clean` False: the VAE is then an autoencoder).
 - inputs="clean": x is read from the noiseless `clean` stamps instead of `images` (the VAE with
-  `inputs: clean`, an autoencoder of noiseless galaxies); per-band normalisation from them too.
+  `inputs: clean`, an autoencoder of noiseless galaxies); the per-band normalisation still comes
+  from the noisy images, whose noise sets the scale.
 
 Split: a seeded permutation (numpy default_rng(seed)) sends round(val_fraction * n) stamps to
 validation and the rest to training. The training order depends only on (seed, epoch)
@@ -355,13 +356,15 @@ class GalaxyDataModule(pl.LightningDataModule):
         c, h, w = len(self._info.bands), self._info.height, self._info.width
         k = max(1, min(NORM_STAMPS, self.train_size, NORM_PIXELS // (h * w)))
         pick = np.unique(self.train_index[np.linspace(0, self.train_size - 1, k).round().astype(np.int64)])
-        if arrays is not None:
-            sample = arrays[self.inputs][pick]
+        # always the noisy images, also when the network sees the clean stamps: their noise sets the
+        # scale of the asinh stretch (noiseless stamps have no noise floor, their MAD is 0)
+        if arrays is not None and "images" in arrays:
+            sample = arrays["images"][pick]
         else:
             import h5py
 
             with h5py.File(self.path, "r") as f:
-                sample = np.asarray(f[self.inputs][pick], dtype=np.float32)  # (k, C, H, W)
+                sample = np.asarray(f["images"][pick], dtype=np.float32)  # (k, C, H, W)
         return [band_scale(sample[:, b].ravel()) for b in range(c)]
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -88,7 +88,7 @@ def test_clean_inputs_feed_the_noiseless_stamps_and_refuse_a_file_without_them(s
     (x3, t3), = dm._train.__getitems__([2 * AUGMENT_GROUP + 5])  # augmented: input and target turn together
     assert np.array_equal(x3.numpy(), apply_symmetry(clean[dm.train_index[2]], 5)) and torch.equal(x3, t3)
     noisy = GalaxyDataModule(synthetic_small_h5, targets=None, target_kind="clean", batch_size=4, seed=0)
-    assert dm.normalisation != noisy.normalisation  # scaled from the stamps the network sees
+    assert dm.normalisation == noisy.normalisation  # scaled by the noise of the images, not the clean stamps
     with pytest.raises(UsageError, match="no noiseless 'clean' stamps"):
         GalaxyDataModule(write_synthetic_dataset(tmp_path / "noclean.h5", n=8, bands="gri", size=32, clean=False),
                          targets=None, target_kind="clean", inputs="clean")
