@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The issue-3 quality runs on CPU, end to end: simulate train and test sets (never trained on),
 # fit the shape CNN (isolated, blended), the Pyro BNN and the VAE with the configs/ presets, evaluate
-# each with `cosmolit evaluate`. About 2 h 40 min on 2 cores (the VAE alone 1 h 30 min). Figures are copied into
+# each with `cosmolit evaluate`. About 4 h and 17 GB of disk on 2 cores (the VAE 1 h 30 min, the 40,000-stamp recalibration and test 1 h). Figures are copied into
 # benchmarks/RESULTS.md by hand.
 #   bash benchmarks/run_quality.sh [WORKDIR]      (default: quality-runs/, created)
 set -euo pipefail
