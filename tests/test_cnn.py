@@ -354,7 +354,8 @@ def test_symmetrised_estimate_is_exactly_equivariant(synthetic_small_h5):
 
 
 def test_estimate_in_cpu_chunks_equals_one_pass(synthetic_small_h5):
-    """Without autograd on CPU, estimate runs in chunks of CPU_CHUNK stamps (cache); the result is the
+    """Without autograd on CPU in eval mode (BatchNorm on running statistics), estimate runs in chunks
+    of CPU_CHUNK stamps (cache); the result is the
     one-pass result, stamp for stamp, and gradients still flow through a single pass."""
     from cosmolit.models import cnn
 

@@ -94,7 +94,7 @@ class ShapeCNN(CosmolitModule):
     def estimate(self, x: torch.Tensor, calibrated: bool = True) -> dict[str, torch.Tensor]:
         """Predictions for raw images x: {'mean' (B, T), 'cov' (B, T, T)}; with the `symmetrise`
         hyper-parameter, averaged over the 8 grid symmetries (cosmolit.models.targets)."""
-        if x.device.type == "cpu" and len(x) > CPU_CHUNK and not torch.is_grad_enabled():
+        if x.device.type == "cpu" and len(x) > CPU_CHUNK and not torch.is_grad_enabled() and not self.training:
             parts = [self.estimate(x[i:i + CPU_CHUNK], calibrated) for i in range(0, len(x), CPU_CHUNK)]
             return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         if not self.hparams.get("symmetrise", False):
