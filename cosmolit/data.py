@@ -157,7 +157,7 @@ class _Stamps(Dataset):
     def __init__(self, path: str, index: np.ndarray, targets: Optional[np.ndarray], clean: bool,
                  arrays: Optional[dict] = None, signs: Optional[np.ndarray] = None, inputs: str = "images"):
         self.path, self.index, self.targets, self.clean, self.arrays = path, index, targets, clean, arrays
-        self.inputs = inputs  # the file dataset x is read from: images, or clean (then the target is x)
+        self.inputs = inputs  # the file dataset x is read from: images, or clean
         self.signs = signs
         self._file = None
         self._pid = None
@@ -191,7 +191,7 @@ class _Stamps(Dataset):
         x = self._read(self.inputs, uniq)[inverse]  # (b, C, H, W)
         if self.targets is not None:
             t = self.targets[pos]  # (b, T)
-        elif self.clean and self.inputs != "clean":
+        elif self.clean:
             t = self._read("clean", uniq)[inverse]  # (b, C, H, W)
         else:
             t = x
@@ -201,7 +201,7 @@ class _Stamps(Dataset):
                 transpose, one_flip = (sym & 4) > 0, ((sym & 1) ^ ((sym >> 1) & 1)) > 0  # (b,) each
                 t = t * np.where(transpose[:, None], self.signs[:, 0], 1.0) * np.where(one_flip[:, None], self.signs[:, 1], 1.0)
                 t = t.astype(np.float32)
-            elif self.clean and self.inputs != "clean":
+            elif self.clean:
                 t = [apply_symmetry(t[k], g) for k, g in enumerate(sym)]
             else:
                 t = x
@@ -370,8 +370,9 @@ class GalaxyDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self._train is not None:
             return
-        clean = self.target_kind == "clean" and self.has_clean
-        names = [self.inputs] + (["clean"] if clean and self.inputs != "clean" else [])
+        # clean targets read beside the inputs; with clean inputs the target is x itself
+        clean = self.target_kind == "clean" and self.has_clean and self.inputs == "images"
+        names = [self.inputs] + (["clean"] if clean else [])
         keep = self._use_memory()
         arrays = self._scan(names, keep)
         self._normalisation = self._compute_normalisation(arrays if keep else None)
