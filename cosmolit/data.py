@@ -378,15 +378,9 @@ class GalaxyDataModule(pl.LightningDataModule):
         self._normalisation = self._compute_normalisation(arrays if keep else None)
         truth = None
         if self.targets:
-            from cosmolit.dataset import read_truth
+            from cosmolit.dataset import read_targets
 
-            cols = read_truth(self.path, self.targets)
-            truth = np.stack([np.asarray(cols[t][: self.n], dtype=np.float32) for t in self.targets], axis=1)  # (n, T)
-            bad = ~np.isfinite(truth)
-            if bad.any():
-                row, col = np.argwhere(bad)[0]
-                raise UsageError(f"dataset {self.path!r}: truth/{self.targets[col]} is NaN/Inf for {int(bad.sum())} "
-                                 f"value(s), the first at stamp {int(row)}")
+            truth = read_targets(self.path, self.targets, self.n)  # (n, T)
         self._target_stats = []
         if truth is not None:
             train_truth = truth[self.train_index].astype(np.float64)  # (n_train, T)

@@ -153,6 +153,19 @@ def inspect_dataset(path: str | Path, require_truth: Sequence[str] = REQUIRED_TR
         )
 
 
+def read_targets(path: str | Path, names: Sequence[str], limit: int | None = None) -> np.ndarray:
+    """float32 (n, T) truth columns `names` of the first `limit` stamps (all when None); UsageError
+    naming the first NaN or Inf value."""
+    cols = read_truth(path, names)
+    truth = np.stack([np.asarray(cols[t][:limit], dtype=np.float32) for t in names], axis=1)  # (n, T)
+    bad = ~np.isfinite(truth)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise UsageError(f"dataset {str(path)!r}: truth/{names[col]} is NaN/Inf for {int(bad.sum())} "
+                         f"value(s), the first at stamp {int(row)}")
+    return truth
+
+
 def read_truth(path: str | Path, names: Sequence[str] | None = None, index=None) -> dict[str, np.ndarray]:
     """Truth columns as numpy arrays (all of them when `names` is None)."""
     import h5py

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 
-from cosmolit.dataset import DatasetWriter, inspect_dataset, iter_images, read_truth
+from cosmolit.dataset import DatasetWriter, inspect_dataset, iter_images, read_targets, read_truth
 from cosmolit.errors import UsageError
 
 
@@ -112,12 +112,7 @@ def calibrate_checkpoint(ckpt: Path, data: Path, out: Path, batch_size: int = 64
     targets = list(model.hparams["targets"])
     info = inspect_dataset(data, require_truth=targets)
     model.check_compatible(info)
-    truth = np.stack([np.asarray(v, dtype=np.float32) for v in read_truth(data, targets).values()], axis=1)
-    bad = ~np.isfinite(truth)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise UsageError(f"dataset {str(data)!r}: truth/{targets[col]} is NaN/Inf for {int(bad.sum())} value(s), "
-                         f"the first at stamp {int(row)}; a calibration set needs finite truth")
+    truth = read_targets(data, targets)  # (n, T), finite
     batches = ((torch.from_numpy(block), torch.from_numpy(truth[start:start + len(block)]))
                for start, block in iter_images(data, batch_size))
     found = calibrate(model.to(device), batches, echo=echo, progress=progress, n=info.n, source=str(data))
