@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The issue-3 quality runs on CPU, end to end: simulate train and test sets (never trained on),
 # fit the shape CNN (isolated, blended), the Pyro BNN and the VAE with the configs/ presets, evaluate
-# each with `cosmolit evaluate`. About 4 h and 17 GB of disk on 2 cores (the VAE 1 h 30 min, the 40,000-stamp recalibration and test 1 h). Figures are copied into
-# benchmarks/RESULTS.md by hand.
+# each with `cosmolit evaluate`. About 4 h and 11 GB of disk on 2 cores (the VAE 1 h 30 min, the
+# 40,000-stamp recalibration and test 1 h); only iso_train and iso_test keep the noiseless stamps
+# (the VAE's). Figures are copied into benchmarks/RESULTS.md by hand.
 #   bash benchmarks/run_quality.sh [WORKDIR]      (default: quality-runs/, created)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,11 +16,11 @@ sim() { [ -f "$1" ] || { step "simulate $1"; $C simulate --out "$@" --workers 2 
 
 sim iso_train.h5 --n 10000 --seed 100
 sim iso_test.h5 --n 2000 --seed 200
-sim iso_test500.h5 --n 500 --seed 300
-sim mixed_test500.h5 --n 500 --seed 400 --blend-fraction 0.5
-sim iso_cal40k.h5 --n 40000 --seed 700   # calibration and test sets for m and c (7.9 GB each)
-sim iso_test40k.h5 --n 40000 --seed 800
-sim iso_cal2k.h5 --n 2000 --seed 900     # calibration set of the BNN
+sim iso_test500.h5 --n 500 --seed 300 --no-clean
+sim mixed_test500.h5 --n 500 --seed 400 --blend-fraction 0.5 --no-clean
+sim iso_cal40k.h5 --n 40000 --seed 700 --no-clean  # calibration and test sets for m and c (4 GB each)
+sim iso_test40k.h5 --n 40000 --seed 800 --no-clean
+sim iso_cal2k.h5 --n 2000 --seed 900 --no-clean  # calibration set of the BNN
 
 step "fit cnn (isolated)"
 $C fit --model cnn --data iso_train.h5 --config "$CFG/cnn.yaml" --epochs 12 --accelerator cpu --out cnn_iso --force -q
@@ -36,8 +37,8 @@ $C calibrate --ckpt bnn_iso/model.ckpt --data iso_cal2k.h5 --out bnn_iso/model-c
 $C evaluate --ckpt bnn_iso/model-cal2k.ckpt --data iso_test500.h5 --samples 32 --out eval_bnn_cal2k_iso500 --force -q
 $C evaluate --ckpt bnn_iso/model-cal2k.ckpt --data mixed_test500.h5 --samples 32 --no-hsm --out eval_bnn_cal2k_mixed --force -q
 
-sim blend_train.h5 --n 10000 --seed 500 --config "$CFG/simulate/blends.yaml"
-sim blend_test.h5 --n 2000 --seed 600 --config "$CFG/simulate/blends.yaml"
+sim blend_train.h5 --n 10000 --seed 500 --config "$CFG/simulate/blends.yaml" --no-clean
+sim blend_test.h5 --n 2000 --seed 600 --config "$CFG/simulate/blends.yaml" --no-clean
 step "fit cnn (blends)"
 $C fit --model cnn --data blend_train.h5 --config "$CFG/cnn.yaml" --epochs 12 --accelerator cpu --out cnn_blend --force -q
 $C evaluate --ckpt cnn_blend/model.ckpt --data blend_test.h5 --out eval_cnn_blend --force -q

@@ -4,7 +4,7 @@ A fit configuration (configs/cnn.yaml, configs/bnn.yaml, configs/vae.yaml) has f
 
     model:   the model's own hyper-parameters (ShapeCNNConfig, BayesianShapeCNNConfig, GalaxyVAEConfig)
     data:    DataConfig  (batch size, validation fraction, split seed, workers, streaming)
-    trainer: TrainerConfig (epochs, accelerator, devices, precision, seed, early stopping)
+    trainer: TrainerConfig (epochs, accelerator, devices, precision, seed, early stopping, compile)
     ipu:     IPU options (device iterations, replication, gradient accumulation, ...), used on IPU only
 """
 
@@ -17,7 +17,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from cosmolit.config import dump_yaml, from_dict, read_yaml
 from cosmolit.errors import CosmolitError, UsageError
@@ -57,6 +57,9 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     deterministic: bool = False
     checkpoint_every_n_steps: Optional[int] = None
+    # torch.compile the network of the training steps (cosmolit.backends.compiling): true, false, or
+    # auto (on for cpu and gpu, off on an IPU, where PopTorch compiles the step itself)
+    compile: Union[bool, str] = False
 
     def __post_init__(self):
         if self.epochs <= 0:
@@ -69,6 +72,8 @@ class TrainerConfig:
             raise ValueError("early_stopping_patience must be a positive integer or null")
         if self.checkpoint_every_n_steps is not None and self.checkpoint_every_n_steps <= 0:
             raise ValueError("checkpoint_every_n_steps must be a positive integer or null")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be true, false or auto, got {self.compile!r}")
         if self.log_every_n_steps <= 0:
             raise ValueError(f"log_every_n_steps must be a positive integer, got {self.log_every_n_steps}")
 
@@ -202,7 +207,7 @@ def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore
                 # overwrites it instead of writing last-v1.ckpt beside it.
                 target = checkpoint_cb.format_checkpoint_name({}, checkpoint_cb.CHECKPOINT_NAME_LAST)
                 checkpoint_cb.last_model_path = target
-            trainer.save_checkpoint(target)
+            trainer.save_checkpoint(target, weights_only=False)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.batches += 1
@@ -361,6 +366,16 @@ def fit(
         target_stats=None if is_vae else dm.target_stats,
     )
     model = cls(**_accepted_kwargs(cls, model_kwargs))
+    if cfg.trainer.compile:
+        on_ipu_ = trainer_opts.get("accelerator") == "ipu"
+        if on_ipu_ and cfg.trainer.compile is True:
+            raise UsageError("trainer.compile is for cpu and gpu; on an IPU PopTorch compiles the step itself "
+                             "(use compile: auto or false)")
+        if on_ipu_:
+            echo("compile: auto is off on the IPU (PopTorch compiles the step itself)")
+        else:
+            echo("torch.compile: the first training and validation steps compile the network (about a minute)")
+            model.compile_network(True, echo)
 
     from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
@@ -415,6 +430,7 @@ def fit(
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=str(last) if resume else None)
     finally:
+        model.compile_network(False)  # calibration and prediction below run eager (other shapes, no grad)
         if earlier_rows:
             _merge_resumed_log(metrics_csv, earlier_rows)
     if trainer.interrupted:
@@ -437,7 +453,7 @@ def fit(
                  "removed from predictions")
         echo("uncertainty calibration on the validation split, factor on sigma: "
              + ", ".join(f"{name} {v:.3f}" for name, v in found["sigma_scale"].items()))
-    trainer.save_checkpoint(str(final))
+    trainer.save_checkpoint(str(final), weights_only=False)  # full state; explicit, or PL 2.6 logs a line
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     return FitResult(out=out, checkpoint=final, best=best, last=last, logs=out / "logs",
                      metrics=metrics, accelerator=trainer_opts.get("accelerator", "?"))

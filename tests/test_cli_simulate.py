@@ -43,6 +43,21 @@ def test_simulate_with_a_preset_and_noiseless(tmp_path):
     assert "fraction: 0.5" in cfg and "mode: none" in cfg
 
 
+def test_simulate_no_clean_drops_only_the_clean_stamps(tmp_path):
+    import h5py
+    import numpy as np
+
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    assert run("simulate", "--n", 4, "--out", a, "--seed", 5, *SMALL).exit_code == 0
+    r = run("simulate", "--n", 4, "--out", b, "--seed", 5, "--no-clean", *SMALL)
+    assert r.exit_code == 0, r.output
+    assert inspect_dataset(a).has_clean and not inspect_dataset(b).has_clean
+    assert "store_clean: false" in inspect_dataset(b).config
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        assert np.array_equal(fa["images"][:], fb["images"][:])
+        assert all(np.array_equal(fa["truth"][k][:], fb["truth"][k][:], equal_nan=True) for k in fa["truth"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--n", "0"], "--n must be a positive integer"),
     (["--n", "4", "--stamp-size", "40"], "multiple of 16"),

@@ -43,7 +43,7 @@ class TrainBenchConfig:
     threads: Optional[int] = None  # torch.set_num_threads
     interop_threads: Optional[int] = None  # torch.set_num_interop_threads
     channels_last: bool = False
-    compile: bool = False  # torch.compile the loss function (bare / static modes), falls back to eager
+    compile: bool = False  # torch.compile the model's network (compile_network), falls back to eager
     precision: str = "32-true"
     device_iterations: int = 1  # static / ipu: optimizer steps per host call
     pool: int = 256  # distinct synthetic stamps
@@ -81,6 +81,8 @@ class TrainBenchConfig:
                              "modes run 32-true")
         if self.mode != "lightning" and self.accelerator == "ipu":
             raise ValueError("on ipu only mode lightning exists (PopTorch compiles the step itself)")
+        if self.compile and self.accelerator == "ipu":
+            raise ValueError("compile is for cpu and gpu; on ipu PopTorch compiles the step itself")
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -206,23 +208,16 @@ def _loader(x, y, batch: int, length: int, seed: int):
                                        generator=torch.Generator().manual_seed(seed), num_workers=0)
 
 
-def maybe_compile(fn: Callable, enabled: bool, example: tuple, echo: Callable[[str], None]) -> tuple[Callable, str]:
-    """torch.compile(fn) if enabled and it runs on `example`; else fn, with a one-line reason."""
-    if not enabled:
-        return fn, "off"
-    import torch
+def compile_model(model, echo: Callable[[str], None]) -> None:
+    """torch.compile the model's network (its `compile_network`, the same as `cosmolit fit --compile`)."""
+    if hasattr(model, "compile_network"):
+        model.compile_network(True, echo)
+    else:
+        echo(f"{type(model).__name__} has no compile_network; running eager")
 
-    if not hasattr(torch, "compile"):
-        echo(f"torch.compile is not in torch {torch.__version__}; running eager")
-        return fn, "unavailable"
-    try:
-        compiled = torch.compile(fn)
-        compiled(*example).backward()
-        return compiled, "on"
-    except Exception as exc:  # compilation errors come in many types; eager is always correct
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        echo(f"torch.compile failed ({type(exc).__name__}: {first}); running eager")
-        return fn, "failed"
+
+def compile_status(model) -> str:
+    return model.compile_status() if hasattr(model, "compile_status") else "off"
 
 
 # ---------------------------------------------------------------------------- one batch size
@@ -287,9 +282,6 @@ def _time_bare(model, cfg: TrainBenchConfig, batch: int, x, y, device, echo) -> 
     steps = cfg.steps if not cfg.epochs else cfg.epochs * (cfg.epoch_images // batch)
     warm = cfg.warmup_steps if not cfg.epochs else cfg.warmup_epochs * (cfg.epoch_images // batch)
     loader = _loader(x, y, batch, (steps + warm) * batch, cfg.seed)
-    first = next(iter(loader))
-    example = (first[0].to(device).contiguous(memory_format=fmt), first[1].to(device))
-    loss_fn, compiled = maybe_compile(loss_fn, cfg.compile, example, echo)
     opt.zero_grad(set_to_none=True)
     clock = StepClock(warmup=warm, device=device)
     for xb, yb in loader:
@@ -301,7 +293,7 @@ def _time_bare(model, cfg: TrainBenchConfig, batch: int, x, y, device, echo) -> 
         loss.backward()
         opt.step()
         clock.stop()
-    return {"step": clock.summary(), "epoch": summarize([]), "calls": clock.calls, "compile": compiled,
+    return {"step": clock.summary(), "epoch": summarize([]), "calls": clock.calls,
             "times": list(clock.times)}
 
 
@@ -327,8 +319,6 @@ def _time_static(model, cfg: TrainBenchConfig, batch: int, x, y, device, echo) -
         return xb, y[idx].reshape(k, batch, -1).to(device)  # (K, B, T)
 
     blocks = [block(i) for i in range(n_blocks)]
-    loss_fn, compiled = maybe_compile(loss_fn, cfg.compile and device.type != "cuda",
-                                      (blocks[0][0][0], blocks[0][1][0]), echo)
     runner = StaticTrainStep(model, loss_fn, opt, blocks[0], echo=echo)
     calls = cfg.steps if not cfg.epochs else cfg.epochs * (cfg.epoch_images // batch)
     calls = max(1, -(-calls // k))
@@ -338,7 +328,7 @@ def _time_static(model, cfg: TrainBenchConfig, batch: int, x, y, device, echo) -
         clock.start()
         runner.run(*blocks[i % n_blocks])
         clock.stop()
-    return {"step": clock.summary(), "epoch": summarize([]), "calls": clock.calls, "compile": compiled,
+    return {"step": clock.summary(), "epoch": summarize([]), "calls": clock.calls,
             "static": runner.static, "static_reason": runner.reason, "times": list(clock.times)}
 
 
@@ -365,6 +355,11 @@ def time_training_raw(cfg: TrainBenchConfig, batch: int, echo: Callable[[str], N
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     x, y = synthetic_pool(cfg.pool, len(cfg.bands), cfg.stamp, _n_targets(model), cfg.seed)
+    if cfg.compile:
+        if cfg.mode == "static" and device.type == "cuda":
+            echo("--compile is ignored in static mode on a GPU: the step is captured in a CUDA graph")
+        else:
+            compile_model(model, echo)
     if cfg.mode == "lightning":
         timing = _time_lightning(model, cfg, batch, x, y, echo)
     elif cfg.mode == "bare":
@@ -383,7 +378,8 @@ def time_training_raw(cfg: TrainBenchConfig, batch: int, echo: Callable[[str], N
     if timing["epoch"]["n"]:
         row["epoch_time"] = timing["epoch"]
         row["measured_seconds_per_100_epochs"] = timing["epoch"]["median"] * 100 * 8000 / cfg.epoch_images
-    for key in ("compile", "static", "static_reason"):
+    row["compile"] = compile_status(model)
+    for key in ("static", "static_reason"):
         if key in timing:
             row[key] = timing[key]
     return {k_: v for k_, v in row.items() if v is not None}, timing["times"]

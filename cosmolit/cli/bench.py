@@ -52,7 +52,7 @@ def train_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads."),
     interop_threads: Optional[int] = typer.Option(None, "--interop-threads", help="torch inter-op threads."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format."),
-    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the loss (bare/static; falls back to eager)."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the network, as fit --compile (falls back to eager)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="32-true, bf16-mixed, 16-mixed (lightning mode)."),
     device_iterations: Optional[int] = typer.Option(None, "--device-iterations", help="Steps per host call (static, ipu)."),
     seed: Optional[int] = typer.Option(None, "--seed"),

@@ -32,6 +32,7 @@ def fit_cmd(
     precision: Optional[str] = typer.Option(None, "--precision", help="32-true, 16-mixed or bf16-mixed."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights init, shuffling and sampling."),
     early_stopping: Optional[int] = typer.Option(None, "--early-stopping", help="Stop after N epochs without val_loss improvement."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the network (cpu, gpu); faster at batch 32 and up."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.ckpt."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -48,7 +49,7 @@ def fit_cmd(
     overrides = {
         "data": {"batch_size": batch_size},
         "trainer": {"accelerator": accelerator, "devices": devices, "epochs": epochs, "precision": precision,
-                    "seed": seed, "early_stopping_patience": early_stopping},
+                    "seed": seed, "early_stopping_patience": early_stopping, "compile": compile_},
     }
     result = fit(model, data, out, config=config, overrides=overrides, resume=resume, force=force,
                  progress=not quiet, echo=typer.echo)

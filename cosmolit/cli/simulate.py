@@ -20,6 +20,8 @@ def simulate_cmd(
                                                    help="0: isolated galaxies, 1: only blends, between: a mix."),
     max_neighbors: Optional[int] = typer.Option(None, "--max-neighbors", help="Most neighbours in a blend (>= 1)."),
     noiseless: bool = typer.Option(False, "--noiseless", help="No noise (noise.mode: none)."),
+    no_clean: bool = typer.Option(False, "--no-clean", help="Do not store the noiseless stamps (half the file; "
+                                  "the VAE's denoising target, not needed by the shape networks)."),
     catalog: Optional[Path] = typer.Option(None, "--catalog", help="CatSim FITS catalog instead of the embedded population."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML preset, e.g. configs/simulate/blends.yaml."),
     stamp_size: Optional[int] = typer.Option(None, "--stamp-size", help="Stamp side in pixels (multiple of 16)."),
@@ -46,6 +48,7 @@ def simulate_cmd(
         "catalog": str(catalog) if catalog is not None else None,
         "stamp_size": stamp_size,
         "bands": bands,
+        "store_clean": False if no_clean else None,
     })
     path = simulate_to_file(cfg, out, n=n, seed=seed, workers=workers, shard=shard, num_shards=num_shards,
                             force=force, progress=not quiet)

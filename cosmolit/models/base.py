@@ -123,6 +123,28 @@ class CosmolitModule(pl.LightningModule):
                 f"dataset {info.path!r} has {info.height}x{info.width} stamps but the model expects {stamp}x{stamp}"
             )
 
+    # ------------------------------------------------------------------ torch.compile
+    # the pure-tensor part of a training / validation step, which `compile_network` compiles
+    compiled_methods: tuple[str, ...] = ("loss_terms",)
+
+    def compile_network(self, enabled: bool = True, echo=print) -> None:
+        """With `enabled`, route the methods named in `compiled_methods` through torch.compile
+        (cosmolit.backends.compiling.CompiledCall: falls back to eager with one line if compilation
+        fails); without, back to the eager methods. The state dict is unchanged either way."""
+        from cosmolit.backends.compiling import CompiledCall
+
+        for name in self.compiled_methods:
+            self.__dict__.pop(name, None)  # an instance attribute shadows the method while compiled
+            if enabled:
+                self.__dict__[name] = CompiledCall(getattr(self, name), f"{type(self).__name__}.{name}", echo)
+
+    def compile_status(self) -> str:
+        """'off', or the status of the compiled methods: 'on', 'failed' or 'unavailable' (the worst of them)."""
+        calls = [self.__dict__[name] for name in self.compiled_methods if name in self.__dict__]
+        if not calls:
+            return "off"
+        return next((s for s in ("unavailable", "failed") if any(c.status == s for c in calls)), "on")
+
     # ------------------------------------------------------------------ logging
     monitor = "val_loss"  # see the module docstring
 

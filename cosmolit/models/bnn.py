@@ -156,6 +156,9 @@ class BayesianShapeCNN(CosmolitModule):
         self._priors = None  # cached prior distributions, per (device, dtype)
         self.target_transform = TargetTransform(targets, target_stats, calibrate, symmetrise)
 
+    # the network under one weight draw; Pyro's tracing around it stays eager
+    compiled_methods = ("_run_net",)
+
     # ---------------------------------------------------------------- Pyro model and guide
     def _prior_dists(self, like: torch.Tensor) -> tuple:
         """(scalar Normal(0, prior_scale), [its expansion to each weight site]), cached per device and dtype."""

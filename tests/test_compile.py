@@ -1,0 +1,108 @@
+"""torch.compile of the networks (`cosmolit fit --compile`, `cosmolit bench train --compile`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cosmolit.backends.compiling import CompiledCall, compile_errors
+
+
+class _CompileFailed(compile_errors()[0] if compile_errors() else RuntimeError):
+    def __init__(self, msg="no C++ compiler found"):
+        Exception.__init__(self, msg)
+
+
+def _fake_compile(raises):
+    def compile_(fn, *args, **kwargs):
+        def run(*a, **k):
+            raise raises
+        return run
+    return compile_
+
+
+def test_compiled_call_falls_back_once_when_compilation_fails(monkeypatch):
+    if not compile_errors():
+        pytest.skip("this torch has no TorchDynamo")
+    monkeypatch.setattr(torch, "compile", _fake_compile(_CompileFailed()))
+    messages = []
+    call = CompiledCall(lambda a: a * 2, "toy", echo=messages.append)
+    assert call.status == "on"
+    assert torch.equal(call(torch.arange(3.0)), torch.tensor([0.0, 2.0, 4.0]))
+    assert call.status == "failed"
+    assert len(messages) == 1 and "torch.compile of toy failed" in messages[0] and "eager" in messages[0]
+    assert torch.equal(call(torch.ones(2)), torch.full((2,), 2.0))
+    assert len(messages) == 1  # said once
+
+
+def test_compiled_call_does_not_swallow_errors_of_the_computation(monkeypatch):
+    monkeypatch.setattr(torch, "compile", _fake_compile(ValueError("shape mismatch")))
+    call = CompiledCall(lambda a: a, "toy", echo=lambda m: None)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        call(torch.ones(1))
+    assert call.status == "on"
+
+
+def _tiny_cnn():
+    from cosmolit.models.cnn import ShapeCNN
+
+    torch.manual_seed(0)
+    return ShapeCNN(targets=["e1", "e2"], filters=[4, 8], bands="gri", stamp=16,
+                    target_stats=[[0.0, 0.2], [0.0, 0.2]])
+
+
+def test_compile_network_gives_the_eager_loss_and_gradients():
+    torch.manual_seed(1)
+    x, y = torch.rand(4, 3, 16, 16) * 50, torch.rand(4, 2) - 0.5
+    eager, compiled = _tiny_cnn(), _tiny_cnn()
+    keys = list(compiled.state_dict())
+    messages = []
+    compiled.compile_network(True, messages.append)
+    assert compiled.compile_status() == "on"
+    losses = []
+    for net in (eager, compiled):
+        net.train()
+        loss = net.loss_terms(x, y)["loss"]
+        loss.backward()
+        losses.append(loss.detach())
+    assert compiled.compile_status() in ("on", "failed")  # failed: no usable compiler here; eager then
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert list(compiled.state_dict()) == keys  # checkpoints are the same with or without compile
+    compiled.compile_network(False)
+    assert compiled.compile_status() == "off" and "loss_terms" not in compiled.__dict__
+
+
+def test_bnn_compiles_only_its_network():
+    from cosmolit.models.bnn import BayesianShapeCNN
+
+    net = BayesianShapeCNN(targets=["e1", "e2"], filters=[4, 8], bands="gri", stamp=16, train_size=8,
+                           target_stats=[[0.0, 0.2], [0.0, 0.2]])
+    net.compile_network(True, lambda m: None)
+    assert "_run_net" in net.__dict__ and "loss_terms" not in net.__dict__
+    net.compile_network(False)
+    assert net.compile_status() == "off"
+
+
+def test_compile_is_refused_on_ipu():
+    from cosmolit.bench.train import TrainBenchConfig
+
+    with pytest.raises(ValueError, match="compile is for cpu and gpu"):
+        TrainBenchConfig(batch_sizes=[2], steps=1, accelerator="ipu", compile=True)
+
+
+def test_fit_with_compile(tmp_path, synthetic_small_h5):
+    from typer.testing import CliRunner
+
+    from cosmolit.checkpoint import read_checkpoint
+    from cosmolit.cli import app
+
+    res = CliRunner().invoke(app, ["fit", "--model", "cnn", "--data", str(synthetic_small_h5), "--epochs", "1",
+                                   "--batch-size", "8", "--accelerator", "cpu", "--compile", "--out",
+                                   str(tmp_path / "run"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "torch.compile" in res.output
+    checkpoint = read_checkpoint(tmp_path / "run" / "model.ckpt")
+    assert checkpoint["state_dict"] and not any("_orig_mod" in k for k in checkpoint["state_dict"])
+    assert "compile: true" in checkpoint["cosmolit"]["config"]
