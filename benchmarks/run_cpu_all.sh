@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All CPU benchmarks in one run, on a quiet machine (about 9 minutes on 2 cores).
+# All CPU benchmarks in one run, on a quiet machine (about 20 minutes on 2 cores).
 # Results go to benchmarks/results/ (or $OUT); the figures are copied into benchmarks/RESULTS.md by hand.
 #   bash benchmarks/run_cpu_all.sh
 set -euo pipefail
@@ -10,11 +10,17 @@ C="python -m cosmolit"
 $C bench train --model cnn --accelerator cpu --batch-sizes 2,8,32,128 --steps 10 --out "$OUT/cnn_cpu.json" --force
 $C bench train --model cnn --accelerator cpu --batch-sizes 2,32 --steps 10 --channels-last --out "$OUT/cnn_cpu_cl.json" --force
 $C bench train --model bnn --accelerator cpu --batch-sizes 2,8,32 --steps 8 --out "$OUT/bnn_cpu.json" --force
+# the same with torch.compile (fit's trainer.compile), and both side by side, steps alternating in one process
+$C bench train --model cnn --accelerator cpu --batch-sizes 2,8,32,128 --steps 10 --compile --label "cosmolit cpu, compiled" --out "$OUT/cnn_cpu_compile.json" --force
+$C bench train --model bnn --accelerator cpu --batch-sizes 2,8,32 --steps 8 --compile --label "cosmolit cpu, compiled" --out "$OUT/bnn_cpu_compile.json" --force
+python benchmarks/bench_compile.py --model cnn --batch-sizes 2,8,32,128 --steps 15 --out "$OUT/compile_cnn.json"
+python benchmarks/bench_compile.py --model bnn --batch-sizes 2,8,32 --steps 15 --out "$OUT/compile_bnn.json"
+python benchmarks/bench_compile.py --model vae --batch-sizes 32 --steps 10 --out "$OUT/compile_vae.json"
 $C bench generate --accelerator cpu --n 1,10,100,500,1000 --out "$OUT/gen_cpu.json" --force
 $C bench overhead --accelerator cpu --parts lightning,pyro,mfu,malloc --out "$OUT/overhead_cpu.json" --force
 # the same training steps under glibc's default malloc, for the side-by-side table
 $C --system-malloc bench train --model cnn --accelerator cpu --batch-sizes 2,8,32,128 --steps 10 --out "$OUT/cnn_cpu_system_malloc.json" --force
 $C --system-malloc bench train --model bnn --accelerator cpu --batch-sizes 2,8,32 --steps 8 --out "$OUT/bnn_cpu_system_malloc.json" --force
-$C bench plot "$OUT/cnn_cpu.json" --reference paper --baseline "TF 2-core" --out "$OUT/cnn_cpu.png" --force
+$C bench plot "$OUT/cnn_cpu.json" "$OUT/cnn_cpu_compile.json" --reference paper --baseline "TF 2-core" --out "$OUT/cnn_cpu.png" --force
 $C bench plot "$OUT/gen_cpu.json" --reference paper --out "$OUT/gen_cpu.png" --force
 python benchmarks/bench_simulate.py --n 64 --repeats 3 --out "$OUT/simulate.json"

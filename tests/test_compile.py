@@ -43,6 +43,28 @@ def test_compiled_call_does_not_swallow_errors_of_the_computation(monkeypatch):
     assert call.status == "on"
 
 
+def test_a_real_error_wrapped_by_dynamo_is_raised_by_eager_and_not_blamed_on_compile(monkeypatch):
+    if not compile_errors():
+        pytest.skip("this torch has no TorchDynamo")
+    monkeypatch.setattr(torch, "compile", _fake_compile(_CompileFailed("wrapped shape error")))
+    messages = []
+    call = CompiledCall(lambda a, b: a @ b, "toy", echo=messages.append)
+    with pytest.raises(RuntimeError):  # eager's own error: the shapes do not multiply
+        call(torch.ones(2, 3), torch.ones(2, 3))
+    assert call.status == "on" and messages == []
+
+
+def test_a_platform_that_refuses_torch_compile_runs_eager(monkeypatch):
+    def refuse(fn, *args, **kwargs):
+        raise RuntimeError("Python 3.11+ not yet supported for torch.compile")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    messages = []
+    call = CompiledCall(lambda a: a + 1, "toy", echo=messages.append)
+    assert call.status == "unavailable" and "unavailable" in messages[0]
+    assert torch.equal(call(torch.zeros(2)), torch.ones(2))
+
+
 def _tiny_cnn():
     from cosmolit.models.cnn import ShapeCNN
 
@@ -106,3 +128,12 @@ def test_fit_with_compile(tmp_path, synthetic_small_h5):
     checkpoint = read_checkpoint(tmp_path / "run" / "model.ckpt")
     assert checkpoint["state_dict"] and not any("_orig_mod" in k for k in checkpoint["state_dict"])
     assert "compile: true" in checkpoint["cosmolit"]["config"]
+
+
+@pytest.mark.parametrize("value", ["sometimes", 1])
+def test_bad_compile_setting_is_one_clear_error(tmp_path, value):
+    from cosmolit.errors import UsageError
+    from cosmolit.train import load_fit_config
+
+    with pytest.raises(UsageError, match="compile"):
+        load_fit_config("cnn", None, {"trainer": {"compile": value}})

@@ -71,11 +71,12 @@ def main(argv=None) -> int:
             errors.append(f"{name}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
 
-    def train(model, mode, batches, k=1):
+    def train(model, mode, batches, k=1, compile_=False):
         cfg = TrainBenchConfig(model=model, accelerator="gpu", batch_sizes=batches, steps=steps,
                                warmup_steps=5, mode=mode, device_iterations=k,
-                               loss="mse" if model == "cnn" else None, pool=256)
-        label = f"cosmolit {torch.cuda.get_device_name(0)} {mode}" + (f" K={k}" if k > 1 else "")
+                               loss="mse" if model == "cnn" else None, pool=256, compile=compile_)
+        label = (f"cosmolit {torch.cuda.get_device_name(0)} {mode}" + (f" K={k}" if k > 1 else "")
+                 + (" compiled" if compile_ else ""))
         return run_train_bench(cfg, progress=False, label=label)
 
     part("train_cnn_static", lambda: train("cnn", "static", cnn_b, args.device_iterations))
@@ -90,6 +91,9 @@ def main(argv=None) -> int:
     part("train_bnn_lightning", lambda: train("bnn", "lightning", bnn_b))
     part("train_cnn_static_k1", lambda: train("cnn", "static", [2, 12] if not args.quick else [2], 1))
     part("train_cnn_bare", lambda: train("cnn", "bare", [2, 12] if not args.quick else [2]))
+    # fit's trainer.compile on the GPU (inductor / Triton): the Lightning step with the network compiled
+    part("train_cnn_lightning_compile", lambda: train("cnn", "lightning", [2, 12] if not args.quick else [2],
+                                                      compile_=True), min_left=90.0)
     part("overhead", lambda: run_overhead_bench(
         OverheadConfig(accelerator="gpu", batch_size=32, bnn_batch_size=32, steps=10 if not args.quick else 3,
                        rounds=3 if not args.quick else 2, matmul_size=8192)))
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
     from cosmolit.bench.plot import plot_results
 
     for fig, names in (("train_cnn", ["train_cnn_static", "train_cnn_lightning", "train_cnn_static_k1",
-                                      "train_cnn_bare"]),
+                                      "train_cnn_bare", "train_cnn_lightning_compile"]),
                        ("train_bnn", ["train_bnn_static", "train_bnn_lightning"]),
                        ("generate", ["generate_static", "generate_eager"])):
         files = [done[n] for n in names if n in done]

@@ -397,6 +397,8 @@ def run_train_bench(cfg: TrainBenchConfig, echo: Callable[[str], None] = print, 
     from cosmolit.progress import progress_bar
 
     cfg.accelerator = resolve_accelerator(cfg.accelerator)
+    if cfg.accelerator == "ipu" and (cfg.compile or cfg.mode != "lightning"):  # 'auto' resolved to an IPU
+        raise UsageError("on ipu only mode lightning without --compile exists (PopTorch compiles the step itself)")
     if cfg.mode == "static" and cfg.accelerator != "gpu":
         echo("static-graph mode needs CUDA; on "
              f"{cfg.accelerator} the steps run eager (same numbers as --mode bare)")

@@ -81,30 +81,6 @@ COVERAGE_LEVELS = np.round(np.arange(0.05, 1.0, 0.05), 2)  # levels matched by t
 # the 95 % level counts 5x the 50 % one, as its coverage is measured that much more precisely
 COVERAGE_WEIGHTS = 1.0 / (COVERAGE_LEVELS * (1.0 - COVERAGE_LEVELS))
 SIGMA_SCALE_GRID = np.exp(np.linspace(np.log(0.05), np.log(20.0), 1201))  # candidate scale factors
-# candidate floors, as multiples of the median calibrated sigma (0: the one-parameter calibration)
-SIGMA_FLOOR_GRID = np.linspace(0.0, 1.5, 31)
-
-
-def fit_sigma_calibration(error: np.ndarray, sigma: np.ndarray, floor: bool = True) -> tuple[float, float]:
-    """(s, f) such that sqrt((s sigma)^2 + f^2) gives the coverage of the intervals +- z_q sigma' closest
-    to q in weighted least squares over COVERAGE_LEVELS; with floor False, f = 0.
-
-    error, sigma: (n,) finite, sigma > 0. For each candidate ratio g = f / s the pulls
-    |error| / sqrt(sigma^2 + g^2) are sorted once and every s is scored by a binary search."""
-    from statistics import NormalDist
-
-    z = np.array([NormalDist().inv_cdf(0.5 + q / 2) for q in COVERAGE_LEVELS])  # (Q,)
-    ratios = SIGMA_FLOOR_GRID * float(np.median(sigma)) if floor else np.zeros(1)
-    best = (np.inf, 1.0, 0.0)
-    for g in ratios:
-        pull = np.sort(np.abs(error) / np.sqrt(sigma ** 2 + g ** 2))  # (n,)
-        # observed coverage of +- z_q s sigma' for every (s, q): fraction of pulls below z_q s
-        cover = np.searchsorted(pull, SIGMA_SCALE_GRID[:, None] * z[None, :]) / len(pull)  # (G, Q)
-        loss = (((cover - COVERAGE_LEVELS) ** 2) * COVERAGE_WEIGHTS).sum(1)  # (G,)
-        i = int(np.argmin(loss))
-        if loss[i] < best[0] - 1e-12:  # ties keep the smaller floor
-            best = (float(loss[i]), float(SIGMA_SCALE_GRID[i]), float(SIGMA_SCALE_GRID[i] * g))
-    return best[1], best[2]
 
 
 def check_shape_hparams(targets: Sequence[str], loss: str, calibrate: Sequence[str]) -> None:
