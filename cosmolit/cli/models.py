@@ -32,7 +32,7 @@ def fit_cmd(
     precision: Optional[str] = typer.Option(None, "--precision", help="32-true, 16-mixed or bf16-mixed."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights init, shuffling and sampling."),
     early_stopping: Optional[int] = typer.Option(None, "--early-stopping", help="Stop after N epochs without val_loss improvement."),
-    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the network (cpu, gpu); faster at batch 32 and up."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the network (cpu, gpu; not ipu): 1.2x to 1.5x faster CPU steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.ckpt."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
