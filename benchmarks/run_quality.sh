@@ -37,11 +37,11 @@ $C calibrate --ckpt bnn_iso/model.ckpt --data iso_cal2k.h5 --out bnn_iso/model-c
 $C evaluate --ckpt bnn_iso/model-cal2k.ckpt --data iso_test500.h5 --samples 32 --out eval_bnn_cal2k_iso500 --force -q
 $C evaluate --ckpt bnn_iso/model-cal2k.ckpt --data mixed_test500.h5 --samples 32 --no-hsm --out eval_bnn_cal2k_mixed --force -q
 
-sim blend_train.h5 --n 10000 --seed 500 --config "$CFG/simulate/blends.yaml" --no-clean
+sim blend_train30k.h5 --n 30000 --seed 510 --config "$CFG/simulate/blends.yaml" --no-clean
 sim blend_test.h5 --n 2000 --seed 600 --config "$CFG/simulate/blends.yaml" --no-clean
-step "fit cnn (blends)"
-$C fit --model cnn --data blend_train.h5 --config "$CFG/cnn.yaml" --epochs 12 --accelerator cpu --out cnn_blend --force -q
-$C evaluate --ckpt cnn_blend/model.ckpt --data blend_test.h5 --out eval_cnn_blend --force -q
+step "fit cnn (blends)"  # 24,000 + 6,000 blends, cosine schedule, 10 epochs (35 min)
+$C fit --model cnn --data blend_train30k.h5 --config "$CFG/cnn_blends.yaml" --accelerator cpu --out cnn_blend30k --force -q
+$C evaluate --ckpt cnn_blend30k/model.ckpt --data blend_test.h5 --out eval_cnn_blend30k --force -q
 
 step "fit vae"  # 20 epochs along the preset's cosine schedule, then resumed to 30 (the schedule re-read)
 $C fit --model vae --data iso_train.h5 --config "$CFG/vae.yaml" --epochs 20 --accelerator cpu --out vae_iso --force -q

@@ -93,3 +93,15 @@ def test_any_mapping_builds_or_fails_cleanly(data):
         assert str(exc) and "\n" not in str(exc)
     else:
         assert isinstance(cfg.n, int) and cfg.n > 0
+
+
+@pytest.mark.parametrize("kind, name", [("cnn", "cnn.yaml"), ("cnn", "cnn_blends.yaml"), ("bnn", "bnn.yaml"),
+                                        ("vae", "vae.yaml")])
+def test_fit_presets_load_and_compile_where_it_pays(kind, name):
+    from pathlib import Path
+
+    from cosmolit.train import load_fit_config
+
+    cfg, model_cfg = load_fit_config(kind, Path(__file__).resolve().parents[1] / "configs" / name, {})
+    assert cfg.trainer.compile == "auto"  # on for cpu and gpu, off on an IPU
+    assert model_cfg.lr > 0

@@ -5,8 +5,8 @@ them (per-element PReLU, BatchNorm, the closed-form Gaussian loss): each element
 pass over every activation, forward and backward. TorchInductor fuses those passes into the
 kernels it generates, and AOTAutograd does the same for the backward graph, while the
 convolutions stay oneDNN's. Measured side by side on a 2-core CPU (benchmarks/RESULTS.md): the
-shape CNN's training step 1.18x faster at batch 2, 1.38x at 32 and 1.51x at 128; the BNN's 1.00x
-at batch 2, where Pyro's tracing (left eager) dominates, and 1.32x at 32.
+shape CNN's training step 1.2x to 1.5x faster at batch 2 to 128; the BNN's 1.0x at batch 2,
+where Pyro's tracing (left eager) dominates, and 1.2x to 1.3x at 32.
 
 `CompiledCall` wraps one function (a bound method of the model). Compilation happens lazily at
 the first call, and again whenever a guard changes (train / eval mode, a new batch size). If
