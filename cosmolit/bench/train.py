@@ -79,9 +79,15 @@ class TrainBenchConfig:
         if self.mode != "lightning" and self.precision not in ("32-true", "32"):
             raise ValueError(f"precision {self.precision!r} is available in lightning mode only; bare and static "
                              "modes run 32-true")
-        if self.mode != "lightning" and self.accelerator == "ipu":
+        self.check_ipu()
+
+    def check_ipu(self) -> None:
+        """ValueError for what an IPU refuses; checked again once 'auto' is resolved to an accelerator."""
+        if self.accelerator != "ipu":
+            return
+        if self.mode != "lightning":
             raise ValueError("on ipu only mode lightning exists (PopTorch compiles the step itself)")
-        if self.compile and self.accelerator == "ipu":
+        if self.compile:
             raise ValueError("compile is for cpu and gpu; on ipu PopTorch compiles the step itself")
 
 
@@ -397,8 +403,10 @@ def run_train_bench(cfg: TrainBenchConfig, echo: Callable[[str], None] = print, 
     from cosmolit.progress import progress_bar
 
     cfg.accelerator = resolve_accelerator(cfg.accelerator)
-    if cfg.accelerator == "ipu" and (cfg.compile or cfg.mode != "lightning"):  # 'auto' resolved to an IPU
-        raise UsageError("on ipu only mode lightning without --compile exists (PopTorch compiles the step itself)")
+    try:
+        cfg.check_ipu()  # 'auto' may have become an IPU
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if cfg.mode == "static" and cfg.accelerator != "gpu":
         echo("static-graph mode needs CUDA; on "
              f"{cfg.accelerator} the steps run eager (same numbers as --mode bare)")
