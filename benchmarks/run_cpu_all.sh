@@ -13,9 +13,8 @@ $C bench train --model bnn --accelerator cpu --batch-sizes 2,8,32 --steps 8 --ou
 # the same with torch.compile (fit's trainer.compile), and both side by side, steps alternating in one process
 $C bench train --model cnn --accelerator cpu --batch-sizes 2,8,32,128 --steps 10 --compile --label "cosmolit cpu, compiled" --out "$OUT/cnn_cpu_compile.json" --force
 $C bench train --model bnn --accelerator cpu --batch-sizes 2,8,32 --steps 8 --compile --label "cosmolit cpu, compiled" --out "$OUT/bnn_cpu_compile.json" --force
-python benchmarks/bench_compile.py --model cnn --batch-sizes 2,8,32,128 --steps 15 --out "$OUT/compile_cnn.json"
-python benchmarks/bench_compile.py --model bnn --batch-sizes 2,8,32 --steps 15 --out "$OUT/compile_bnn.json"
-python benchmarks/bench_compile.py --model vae --batch-sizes 32 --steps 10 --out "$OUT/compile_vae.json"
+$C bench overhead --accelerator cpu --parts compile --batch-size 2 --bnn-batch-size 2 --out "$OUT/compile_b2.json" --force
+$C bench overhead --accelerator cpu --parts compile --out "$OUT/compile_b32.json" --force
 $C bench generate --accelerator cpu --n 1,10,100,500,1000 --out "$OUT/gen_cpu.json" --force
 $C bench overhead --accelerator cpu --parts lightning,pyro,mfu,malloc --out "$OUT/overhead_cpu.json" --force
 # the same training steps under glibc's default malloc, for the side-by-side table

@@ -390,8 +390,12 @@ def test_cli_bench_generate_and_overhead_real_models(tmp_path):
     assert all(r["decode_time"]["n"] == 2 and r["decode_time"]["min"] > 0 for r in rows)  # the decoder alone
     ovh = tmp_path / "o.json"
     res = runner.invoke(app, ["bench", "overhead", "--batch-size", "2", "--bnn-batch-size", "2", "--steps", "1",
-                              "--rounds", "1", "--parts", "pyro,mfu", "--threads", "1", "--out", str(ovh)])
+                              "--rounds", "1", "--parts", "pyro,mfu,compile", "--threads", "1", "--out", str(ovh)])
     assert res.exit_code == 0, res.output
     names = {r["name"]: r for r in load_results(ovh)["results"]}
     assert names["cnn_forward_gflop_per_image"]["value"] == pytest.approx(0.2, rel=0.05)
     assert names["pyro_over_torch_bnn_b2"]["value"] > 0 and names["mfu_cnn_b2"]["value"] > 0
+    for kind in ("cnn", "bnn"):  # eager against compile_network, side by side
+        row = names[f"eager_over_compiled_{kind}_b2"]
+        assert row["value"] == pytest.approx(row["a"]["median"] / row["b"]["median"]) and row["b"]["n"] == 1
+        assert "compile on" in row["note"] or "compile failed" in row["note"]

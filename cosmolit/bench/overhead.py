@@ -27,7 +27,7 @@ from cosmolit.backends import make_adam
 from cosmolit.errors import UsageError
 
 
-OVERHEAD_PARTS = ("lightning", "pyro", "mfu", "malloc")
+OVERHEAD_PARTS = ("lightning", "pyro", "mfu", "malloc", "compile")
 
 
 @dataclass
@@ -226,6 +226,42 @@ def pyro_overhead(cfg: OverheadConfig, device, echo, factory: Optional[Callable]
     ]
 
 
+def compile_speedup(cfg: OverheadConfig, device, echo, factories: Optional[dict] = None) -> list[dict]:
+    """Eager against compiled (`compile_network`, as `fit --compile`) bare training loops of the cnn
+    and the BNN, same initial weights, data and Adam, alternating rounds."""
+    import torch
+
+    from cosmolit.bench.train import (build_bench_model, compile_model, compile_status, loss_function,
+                                      model_optimizer, synthetic_pool)
+
+    rows = []
+    for kind, b in (("cnn", cfg.batch_size), ("bnn", cfg.bnn_batch_size)):
+        x, y = synthetic_pool(4 * b, 6, 64, 3, cfg.seed)
+        batches = [(x[i * b:(i + 1) * b].to(device), y[i * b:(i + 1) * b].to(device)) for i in range(4)]
+        sides = []
+        for compiled in (False, True):
+            torch.manual_seed(cfg.seed)
+            model = build_bench_model(kind, factory=(factories or {}).get(kind)).to(device).train()
+            if compiled:
+                compile_model(model, echo)
+            sides.append((loss_function(model), model_optimizer(model)))
+        (eager_loss, eager_opt), (comp_loss, comp_opt) = sides
+        res = _side_by_side(lambda: time_loop(eager_loss, eager_opt, batches, cfg.steps, cfg.warmup_steps, device),
+                            lambda: time_loop(comp_loss, comp_opt, batches, cfg.steps, cfg.warmup_steps, device),
+                            cfg.rounds)
+        status = compile_status(model)
+        echo(f"eager vs compiled {kind}, batch {b}: {res['a']['median'] * 1e3:.2f} vs {res['b']['median'] * 1e3:.2f} "
+             f"ms/step, speed-up {res['ratio']:.3f} (median of per-round ratios {res['median_round_ratio']:.3f}; "
+             f"compile {status})")
+        rows += [
+            _row(f"eager_over_compiled_{kind}_b{b}", res["ratio"], "x", a=res["a"], b=res["b"], batch_size=b,
+                 note=f"a: eager, b: compiled (compile {status}); per-round ratios "
+                      + ", ".join(f"{r:.3f}" for r in res["round_ratios"])),
+            _row(f"{kind}_compiled_step_b{b}", res["b"]["median"], "s", b=res["b"], batch_size=b),
+        ]
+    return rows
+
+
 def mfu(cfg: OverheadConfig, device, echo, factory: Optional[Callable] = None) -> list[dict]:
     """Model FLOPs of the cnn, achieved FLOP/s of its bare training loop, matmul FLOP/s, and TF comparison."""
     import numpy as np
@@ -367,6 +403,8 @@ def run_overhead_bench(cfg: OverheadConfig, echo: Callable[[str], None] = print,
             rows += mfu(cfg, device, echo, factories.get("cnn"))
         if "malloc" in cfg.parts:
             rows += malloc_overhead(cfg, device, echo)  # the real cnn: its processes cannot take a factory
+        if "compile" in cfg.parts:
+            rows += compile_speedup(cfg, device, echo, factories)
         env = capture_environment(cfg.accelerator, "32-true", "overhead")
     finally:
         torch.set_num_threads(previous)

@@ -125,7 +125,7 @@ def overhead_cmd(
     bnn_batch_size: Optional[int] = typer.Option(None, "--bnn-batch-size", help="BNN batch [default: 32]."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Timed steps per round and side [default: 8]."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Alternating rounds [default: 3]."),
-    parts: Optional[str] = typer.Option(None, "--parts", help="Comma-separated: lightning, pyro, mfu, malloc [default: lightning, pyro, mfu]."),
+    parts: Optional[str] = typer.Option(None, "--parts", help="Comma-separated: lightning, pyro, mfu, malloc, compile [default: lightning, pyro, mfu]."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads."),
     label: Optional[str] = typer.Option(None, "--label"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
