@@ -10,11 +10,13 @@ A fit configuration (configs/cnn.yaml, configs/bnn.yaml, configs/vae.yaml) has f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
 import os
 import signal
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -245,6 +247,19 @@ class FitResult:
     accelerator: str
 
 
+# pytorch-lightning 2.6 calls a torch pytree check that torch 2.13 deprecates, and the warning
+# repeats at every fit: about the two libraries' versions, nothing the user can act on
+LIBRARY_NOISE = r".*isinstance\(treespec, LeafSpec\).*"
+
+
+@contextlib.contextmanager
+def library_noise_filtered():
+    """Leave out the warnings in LIBRARY_NOISE (and nothing else) inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=LIBRARY_NOISE)
+        yield
+
+
 def _read_csv_rows(path: Path) -> list[dict]:
     """Rows of a CSV file as dicts; [] when there is none."""
     import csv
@@ -428,7 +443,8 @@ def fit(
     metrics_csv = out / "logs" / "metrics.csv"
     earlier_rows = _read_csv_rows(metrics_csv) if resume else []  # the CSV logger starts the file afresh
     try:
-        trainer.fit(model, datamodule=dm, ckpt_path=str(last) if resume else None)
+        with library_noise_filtered():
+            trainer.fit(model, datamodule=dm, ckpt_path=str(last) if resume else None)
     finally:
         model.compile_network(False)  # calibration and prediction below run eager (other shapes, no grad)
         if earlier_rows:

@@ -246,6 +246,27 @@ def test_predictive_recipe(batch):
     assert set(model.site_names) <= set(pred)
 
 
+def test_guide_draws_are_pyro_normal_draws(batch):
+    """The guide's one-call draw (DrawnNormal) gives the numbers Normal(loc, softplus(rho)).rsample
+    gives for the same seed; a draw with a sample shape or from an expanded copy is a fresh one."""
+    import pyro.distributions as dist
+    from pyro import poutine
+
+    x, _ = batch
+    model = small_model(init_scale=-3.0).eval()
+    torch.manual_seed(4)
+    trace = poutine.trace(model.guide).get_trace(x)
+    torch.manual_seed(4)
+    for name, loc, rho in zip(model.site_names, model.posterior.loc, model.posterior.rho):
+        expected = torch.distributions.Normal(loc, torch.nn.functional.softplus(rho)).rsample()
+        assert torch.equal(trace.nodes[name]["value"], expected), name
+    assert trace.nodes[model.site_names[0]]["value"].requires_grad  # reparameterised: gradients reach loc, rho
+    site = trace.nodes[model.site_names[0]]["fn"].base_dist
+    assert site.rsample((2,)).shape == (2, *site.loc.shape)  # with a sample shape: fresh draws
+    wide = site.expand((3, *site.loc.shape))  # as a plate would expand it
+    assert type(wide) is dist.Normal and not torch.equal(wide.rsample()[0], wide.rsample()[0])
+
+
 def test_config_and_bad_hparams(tmp_path):
     from cosmolit.models.bnn import BayesianShapeCNN, BayesianShapeCNNConfig
     from cosmolit.train import load_fit_config

@@ -259,3 +259,17 @@ def test_vae_trained_on_clean_inputs(synthetic_small_h5, tmp_path):
                                    str(tmp_path / "bad"), "--config", str(cfg), "-q"])
     assert res.exit_code == 2 and "model.inputs: 'noiseless' is not allowed" in res.output, res.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_fit_leaves_out_lightnings_pytree_deprecation_and_nothing_else():
+    import warnings
+
+    from cosmolit.train import library_noise_filtered
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with library_noise_filtered():
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`",
+                          FutureWarning)
+            warnings.warn("The dataloader does not have many workers", UserWarning)
+    assert [str(w.message) for w in seen] == ["The dataloader does not have many workers"]

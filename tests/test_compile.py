@@ -96,15 +96,32 @@ def test_compile_network_gives_the_eager_loss_and_gradients():
     assert compiled.compile_status() == "off" and "loss_terms" not in compiled.__dict__
 
 
-def test_bnn_compiles_only_its_network():
+def test_bnn_compiles_network_draw_and_kl_and_gives_the_eager_elbo():
     from cosmolit.models.bnn import BayesianShapeCNN
 
-    net = BayesianShapeCNN(targets=["e1", "e2"], filters=[4, 8], bands="gri", stamp=16, train_size=8,
-                           target_stats=[[0.0, 0.2], [0.0, 0.2]])
-    net.compile_network(True, lambda m: None)
-    assert "_run_net" in net.__dict__ and "loss_terms" not in net.__dict__
-    net.compile_network(False)
-    assert net.compile_status() == "off"
+    def tiny():
+        return BayesianShapeCNN(targets=["e1", "e2"], filters=[4, 8], bands="gri", stamp=16, train_size=8,
+                                target_stats=[[0.0, 0.2], [0.0, 0.2]], init_scale=-3.0)
+
+    torch.manual_seed(1)
+    x, y = torch.rand(4, 3, 16, 16) * 50, torch.rand(4, 2) - 0.5
+    eager, compiled = tiny(), tiny()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_network(True, lambda m: None)
+    assert {"_run_net", "_draw_guide", "_kl"} <= set(compiled.__dict__)
+    assert "elbo_terms" not in compiled.__dict__  # Pyro's tracing and replay stay eager
+    terms = []
+    for net in (eager, compiled):
+        torch.manual_seed(3)  # the same weight noise for both
+        t = net.elbo_terms(x, y)
+        t["loss"].backward()
+        terms.append(t)
+    for key in ("loss", "kl", "nll"):
+        torch.testing.assert_close(terms[1][key].detach(), terms[0][key].detach(), rtol=1e-4, atol=1e-5, msg=key)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):  # float rounding, relative to the largest
+        assert (q.grad - p.grad).abs().max() <= 1e-4 * p.grad.abs().max() + 1e-7, name
+    compiled.compile_network(False)
+    assert compiled.compile_status() == "off"
 
 
 def test_compile_is_refused_on_ipu():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from cosmolit.errors import UsageError
+from cosmolit.train import LIBRARY_NOISE
 
 MODES = ("lightning", "bare", "static")
 TRAIN_MODELS = ("cnn", "bnn")
@@ -270,6 +271,7 @@ def _quiet_lightning():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|val_dataloader|"
                                                       "validation_step|log_every_n_steps|self.log).*")
+            warnings.filterwarnings("ignore", message=LIBRARY_NOISE)
             yield
     finally:
         for lg, level in zip(loggers, levels):

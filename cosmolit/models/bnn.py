@@ -20,8 +20,8 @@ works on a model loaded from a checkpoint.
 
 The training loss is a graph-safe ELBO built from effect handlers (Pyro's Trace_ELBO calls
 .item(), a host synchronisation that a PopTorch graph cannot contain): the guide is traced, the
-model replayed against it, the KL of each weight site taken in closed form with
-torch.distributions.kl_divergence, and the likelihood term from the closed-form `gaussian_nll`
+model replayed against it, the KL of the guide's weight sites to the prior taken in closed form
+(`cosmolit.nn.bayes.kl_sum`), and the likelihood term from the closed-form `gaussian_nll`
 (no Cholesky, no triangular solve). One loss tensor, static shapes, no .item(). Targets are
 standardised, the likelihood term is `decoupled` by default and the e1, e2 response calibrated
 after training, as for ShapeCNN (cosmolit.models.targets).
@@ -35,14 +35,14 @@ from typing import Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from pyro import poutine
-from torch.distributions import kl_divergence, register_kl
+from torch.distributions import register_kl
 from torch.func import functional_call, vmap
 
 from cosmolit.backends import mark_loss
 from cosmolit.models.base import CosmolitModule, check_network_hparams
-from cosmolit.nn.bayes import MeanFieldWeights, build_shape_net, normal_kl_zero_mean, run_shape_net, strip_weights
+from cosmolit.nn.bayes import (MeanFieldWeights, build_shape_net, kl_sum, normal_kl_zero_mean, run_shape_net,
+                               strip_weights)
 from cosmolit.models.targets import (CPU_CHUNK, N_SYMMETRIES, TargetTransform, check_shape_hparams, default_calibrate,
                                      monitored_metric, shape_loss, standardised_mse, transform_images)
 from cosmolit.nn.gaussian import covariance
@@ -51,8 +51,9 @@ DEFAULT_TARGETS = ("e1", "e2", "redshift")
 
 
 class ZeroMeanNormal(dist.Normal):
-    """Normal(0, scale), the weight prior. Its own type so that kl_divergence(Normal, ZeroMeanNormal)
-    dispatches to the lean closed form `normal_kl_zero_mean` (registered below)."""
+    """Normal(0, scale), the weight prior. Its own type so that kl_divergence(Normal, ZeroMeanNormal),
+    which Pyro's own TraceMeanField_ELBO takes on these sites, dispatches to the lean closed form
+    `normal_kl_zero_mean` (registered below)."""
 
     def __init__(self, scale: torch.Tensor, validate_args=None):
         super().__init__(scale.new_zeros(()).expand(scale.shape), scale, validate_args=validate_args)
@@ -64,6 +65,27 @@ class ZeroMeanNormal(dist.Normal):
 @register_kl(dist.Normal, ZeroMeanNormal)
 def _kl_normal_zero_mean_normal(p, q):
     return normal_kl_zero_mean(p.loc, p.scale, q.scale)
+
+
+class DrawnNormal(dist.Normal):
+    """Normal(loc, scale) whose reparameterised draw `value` (loc + scale * eps) was already made.
+
+    The guide computes all sites' draws in one call (`BayesianShapeCNN._draw_guide`, which
+    torch.compile fuses) and hands each site its value through this distribution; Pyro records
+    it as an ordinary Normal site. A draw with a sample shape, or from an expanded copy (Predictive
+    with parallel=True puts the guide in a plate), is a fresh one."""
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, value: torch.Tensor, validate_args=None):
+        super().__init__(loc, scale, validate_args=validate_args)
+        self._value = value
+
+    def rsample(self, sample_shape=torch.Size()):
+        if len(sample_shape) == 0:
+            return self._value
+        return super().rsample(sample_shape)
+
+    def expand(self, batch_shape, _instance=None):
+        return dist.Normal(self.loc, self.scale).expand(batch_shape)
 
 
 @dataclass
@@ -156,26 +178,33 @@ class BayesianShapeCNN(CosmolitModule):
         self._priors = None  # cached prior distributions, per (device, dtype)
         self.target_transform = TargetTransform(targets, target_stats, calibrate, symmetrise)
 
-    # the network under one weight draw; Pyro's tracing around it stays eager
-    compiled_methods = ("_run_net",)
+    # the network under one weight draw, the guide's draw and the KL; Pyro's tracing stays eager
+    compiled_methods = ("_run_net", "_draw_guide", "_kl")
 
     # ---------------------------------------------------------------- Pyro model and guide
-    def _prior_dists(self, like: torch.Tensor) -> tuple:
-        """(scalar Normal(0, prior_scale), [its expansion to each weight site]), cached per device and dtype."""
+    def _prior_dists(self, like: torch.Tensor) -> list:
+        """The N(0, prior_scale) prior of each weight site, cached per device and dtype."""
         key = (like.device, like.dtype)
         if self._priors is None or self._priors[0] != key:
             base = ZeroMeanNormal(torch.full((), self.prior_scale, device=like.device, dtype=like.dtype))
-            sites = [base.expand(shape).to_event(len(shape)) for shape in self._site_shapes]
-            self._priors = (key, base, sites)
-        return self._priors[1], self._priors[2]
+            self._priors = (key, [base.expand(shape).to_event(len(shape)) for shape in self._site_shapes])
+        return self._priors[1]
 
     def _run_net(self, x: torch.Tensor, weights: dict, fixed_features: bool = False):
         """Standardised outputs for raw images x and one weight set (cosmolit.nn.bayes.run_shape_net)."""
         return run_shape_net(self.net, weights, self.normalise(x), fixed_features)
 
+    def _draw_guide(self, eps: list) -> tuple[list, list]:
+        """(scales, weights) of one posterior draw for the noise eps (cosmolit.nn.bayes.MeanFieldWeights.draw)."""
+        return self.posterior.draw(eps)
+
+    def _kl(self, locs: list, scales: list) -> torch.Tensor:
+        """Summed closed-form KL of the guide's Normal(loc, scale) sites to the N(0, prior_scale) prior."""
+        return kl_sum(locs, scales, self.prior_scale)
+
     def model(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         """Pyro model: weights from the N(0, prior_scale) prior, Gaussian likelihood of y (B, T)."""
-        _, priors = self._prior_dists(self.posterior.loc[0])
+        priors = self._prior_dists(self.posterior.loc[0])
         weights = {name: pyro.sample(name, prior) for name, prior in zip(self.site_names, priors)}
         outputs = self._run_net(x, weights, fixed_features=self.hparams.loss == "decoupled")
         mean, scale_tril = self.target_transform.to_physical(outputs[0], outputs[1])  # (B, T), (B, T, T)
@@ -185,8 +214,9 @@ class BayesianShapeCNN(CosmolitModule):
 
     def guide(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         """Pyro guide: mean-field Normal(loc, softplus(rho)) on every weight entry."""
-        for name, loc, rho in zip(self.site_names, self.posterior.loc, self.posterior.rho):
-            pyro.sample(name, dist.Normal(loc, F.softplus(rho)).to_event(loc.dim()))
+        scales, weights = self._draw_guide(self.posterior.noise())
+        for name, loc, scale, w in zip(self.site_names, self.posterior.loc, scales, weights):
+            pyro.sample(name, DrawnNormal(loc, scale, w).to_event(loc.dim()))
 
     def elbo_terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Graph-safe negative ELBO per sample: {'loss', 'nll', 'kl', 'mse'}; loss = mean likelihood term
@@ -196,11 +226,10 @@ class BayesianShapeCNN(CosmolitModule):
             guide_trace = poutine.trace(self.guide).get_trace(x, y)
             model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x, y)
         # Each weight site's prior is N(0, prior_scale) expanded to the weight's shape; the KL is
-        # taken against the unexpanded scalar Normal (same value, but broadcasting a 0-dim tensor
-        # is several times cheaper than reading a zero-stride expanded one), summed over entries.
-        prior, _ = self._prior_dists(self.posterior.loc[0])
-        g = guide_trace.nodes
-        kl = sum(kl_divergence(g[name]["fn"].base_dist, prior).sum() for name in self.site_names)  # ()
+        # the closed form against the scalar prior (same value, but broadcasting a 0-dim scale is
+        # several times cheaper than reading a zero-stride expanded one), summed over entries.
+        sites = [guide_trace.nodes[name]["fn"].base_dist for name in self.site_names]
+        kl = self._kl([d.loc for d in sites], [d.scale for d in sites])  # ()
         mean, scale_tril, fixed = model_trace.nodes["_RETURN"]["value"]  # (B, T), (B, T, T), (B, T, T) | None
         y = self.target_transform.standardise(y)
         nll = shape_loss(self.hparams.loss, y, mean, scale_tril, fixed).mean()

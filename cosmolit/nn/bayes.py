@@ -62,6 +62,14 @@ def normal_kl_zero_mean(loc: torch.Tensor, scale: torch.Tensor, prior_scale) -> 
     return torch.addcmul(loc * loc, scale, scale) * c - torch.log(scale) + const
 
 
+def kl_sum(locs: list[torch.Tensor], scales: list[torch.Tensor], prior_scale) -> torch.Tensor:
+    """sum over sites and entries of KL(N(loc, scale) || N(0, prior_scale)), a 0-dim tensor."""
+    total = locs[0].new_zeros(())
+    for loc, scale in zip(locs, scales):
+        total = total + normal_kl_zero_mean(loc, scale, prior_scale).sum()
+    return total
+
+
 class MeanFieldWeights(nn.Module):
     """loc and untransformed scale (rho) per weight entry of each site: 2 x (number of weights) parameters.
 
@@ -111,14 +119,21 @@ class MeanFieldWeights(nn.Module):
             return torch.randn(like.shape, dtype=like.dtype, device=like.device)
         return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
 
+    def noise(self) -> list[torch.Tensor]:
+        """One standard-normal tensor per site, drawn site by site as torch.distributions.Normal.rsample
+        draws them (same generator calls, so the same numbers for the same seed)."""
+        return [loc.new_empty(loc.shape).normal_() for loc in self.loc]
+
+    def draw(self, eps: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(scales, weights) for the noise `eps` (from `noise()`): softplus(rho) and loc + scale * eps per
+        site. A pure tensor function, so torch.compile can fuse it, forward and backward, into one
+        pass over the weights instead of three."""
+        scales = self.scales()
+        return scales, [loc + scale * e for loc, scale, e in zip(self.loc, scales, eps)]
+
     def kl(self, prior_scale: float = 1.0, scales: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
         """Closed-form KL(q || N(0, prior_scale)) summed over every weight entry (a 0-dim tensor)."""
-        if scales is None:
-            scales = self.scales()
-        total = self.loc[0].new_zeros(())
-        for loc, scale in zip(self.loc, scales):
-            total = total + normal_kl_zero_mean(loc, scale, prior_scale).sum()
-        return total
+        return kl_sum(list(self.loc), self.scales() if scales is None else scales, prior_scale)
 
     def as_dict(self, weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """functional_call mapping {"<site>.weight": tensor}."""
