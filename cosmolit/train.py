@@ -150,8 +150,7 @@ class Preempted(CosmolitError):
         self.exit_code = 128 + int(signum)
 
 
-def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore: Optional[dict] = None,
-                        checkpoint_cb=None):
+def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore: Optional[dict] = None):
     """Everything a run needs to survive interruption, as one Callback.
 
     - counts the batches done in the current epoch and stores them (with the torch RNG state)
@@ -160,7 +159,11 @@ def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore
     - on SIGTERM (scheduler pre-emption) or SIGINT (Ctrl-C): finish the current step, save
       last.ckpt atomically and stop with Preempted (exit 143 / 130);
     - with `every_n_steps`, also saves last.ckpt every that many optimizer steps (SIGKILL loses
-      at most that many steps).
+      at most that many steps);
+    - saves last.ckpt at the end of every epoch. ModelCheckpoint keeps only the best one: since
+      pytorch-lightning 2.6 its own `save_last` writes last.ckpt only in an epoch that also wrote a
+      best checkpoint, so a run whose validation stopped improving would resume from its best
+      epoch instead of its last (2.0 wrote it every epoch).
     """
     import pytorch_lightning as pl
     import torch
@@ -203,13 +206,8 @@ def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore
                 self._restore = None
 
         def _save_last(self, trainer):
-            target = str(path)
-            if checkpoint_cb is not None:
-                # Tell ModelCheckpoint that last.ckpt is its own, so that after a resume it
-                # overwrites it instead of writing last-v1.ckpt beside it.
-                target = checkpoint_cb.format_checkpoint_name({}, checkpoint_cb.CHECKPOINT_NAME_LAST)
-                checkpoint_cb.last_model_path = target
-            trainer.save_checkpoint(target, weights_only=False)
+            trainer.save_checkpoint(str(path), weights_only=False)
+            self._saved_at = trainer.global_step
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.batches += 1
@@ -220,6 +218,10 @@ def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore
                     f"stopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; saved "
                     f"{str(path)!r}; continue with the same command and --resume", self.signum)
             if every_n_steps and trainer.global_step % every_n_steps == 0:
+                self._save_last(trainer)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            if self._saved_at != trainer.global_step:  # not just saved by every_n_steps
                 self._save_last(trainer)
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
@@ -403,15 +405,14 @@ def fit(
     monitor = "val_loss" if trainer_opts.get("accelerator") == "ipu" else model.monitor
     checkpoint_cb = ModelCheckpoint(dirpath=str(ckpt_dir),  # a str: a Path would make the checkpoint unsafe to load on PL 2.0.9
                                     filename="best", monitor=monitor, mode="min",
-                                    save_last=True, save_top_k=1)
+                                    save_last=False, save_top_k=1)  # last.ckpt: _run_state_callback
     sampler = dm.train_sampler
     if resume_state is not None:
         done = int(resume_state.get("batches_in_epoch", 0) or 0)
         per_epoch = dm.train_size // cfg.data.batch_size
         sampler.skip = done * cfg.data.batch_size if 0 < done < per_epoch else 0
         resume_state["batches_in_epoch"] = done if 0 < done < per_epoch else 0
-    run_state = _run_state_callback(last, cfg.trainer.checkpoint_every_n_steps, restore=resume_state,
-                                    checkpoint_cb=checkpoint_cb)
+    run_state = _run_state_callback(last, cfg.trainer.checkpoint_every_n_steps, restore=resume_state)
     callbacks = [checkpoint_cb, _provenance_callback(kind, cfg.trainer.seed, config_yaml), run_state]
     if cfg.trainer.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, patience=cfg.trainer.early_stopping_patience))

@@ -108,6 +108,30 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, config, syntheti
         assert logged["cut"]["val"] == logged["full"]["val"] == ["0", "1"]
 
 
+def test_last_checkpoint_is_the_last_epoch_when_validation_stops_improving(tmp_path, config, synthetic_small_h5,
+                                                                           monkeypatch):
+    """last.ckpt is written every epoch, not only with a new best (pytorch-lightning 2.6's save_last
+    no longer does), so extending a run with --resume continues from its last epoch."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    runner = CliRunner()
+    # validation improves in the first epoch only
+    monkeypatch.setattr(ModelCheckpoint, "check_monitor_top_k",
+                        lambda self, trainer, current=None: self.best_model_score is None)
+    two = tmp_path / "two"
+    res = runner.invoke(app, _fit_args(synthetic_small_h5, two, config))
+    assert res.exit_code == 0, res.output
+    best, last = (read_checkpoint(two / "checkpoints" / f"{n}.ckpt") for n in ("best", "last"))
+    assert (best["epoch"], last["epoch"]) == (0, 1) and last["global_step"] == 2 * best["global_step"]
+    res = runner.invoke(app, _fit_args(synthetic_small_h5, two, config, ["--resume", "--epochs", "3"]))
+    assert res.exit_code == 0, res.output
+    three = tmp_path / "three"
+    res = runner.invoke(app, _fit_args(synthetic_small_h5, three, config, ["--epochs", "3"]))
+    assert res.exit_code == 0, res.output
+    assert read_checkpoint(two / "checkpoints" / "last.ckpt")["global_step"] == 3 * best["global_step"]
+    _assert_same(_weights(three / "checkpoints" / "last.ckpt"), _weights(two / "checkpoints" / "last.ckpt"))
+
+
 def _logged(path):
     """{'train': steps with a train_loss, 'val': epochs with a val_loss} of a metrics.csv."""
     import csv
