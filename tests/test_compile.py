@@ -63,6 +63,15 @@ def test_a_platform_that_refuses_torch_compile_runs_eager(monkeypatch):
     call = CompiledCall(lambda a: a + 1, "toy", echo=messages.append)
     assert call.status == "unavailable" and "unavailable" in messages[0]
     assert torch.equal(call(torch.zeros(2)), torch.ones(2))
+    # a model with several compiled methods says it once, and its steps run eager
+    from cosmolit.models.bnn import BayesianShapeCNN
+
+    net = BayesianShapeCNN(targets=["e1", "e2"], filters=[4, 8], bands="gri", stamp=16, train_size=8,
+                           target_stats=[[0.0, 0.2], [0.0, 0.2]])
+    messages.clear()
+    net.compile_network(True, messages.append)
+    assert len(messages) == 1 and net.compile_status() == "unavailable"
+    assert torch.isfinite(net.elbo_terms(torch.rand(2, 3, 16, 16), torch.zeros(2, 2))["loss"])
 
 
 def _tiny_cnn():

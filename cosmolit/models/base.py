@@ -135,8 +135,13 @@ class CosmolitModule(pl.LightningModule):
 
         for name in self.compiled_methods:
             self.__dict__.pop(name, None)  # an instance attribute shadows the method while compiled
-            if enabled:
-                self.__dict__[name] = CompiledCall(getattr(self, name), f"{type(self).__name__}.{name}", echo)
+        if not enabled:
+            return
+        for name in self.compiled_methods:
+            call = CompiledCall(getattr(self, name), f"{type(self).__name__}.{name}", echo)
+            self.__dict__[name] = call
+            if call.status == "unavailable":  # said once: the same holds for the other methods
+                break
 
     def compile_status(self) -> str:
         """'off', or the status of the compiled methods: 'on', 'failed' or 'unavailable' (the worst of them)."""
