@@ -21,6 +21,7 @@ sim mixed_test500.h5 --n 500 --seed 400 --blend-fraction 0.5 --no-clean
 sim iso_cal40k.h5 --n 40000 --seed 700 --no-clean  # calibration and test sets for m and c (4 GB each)
 sim iso_test40k.h5 --n 40000 --seed 800 --no-clean
 sim iso_cal2k.h5 --n 2000 --seed 900 --no-clean  # calibration set of the BNN
+sim iso_test2k.h5 --n 2000 --seed 310 --no-clean  # the BNN's coverage to ±0.005
 
 step "fit cnn (isolated)"
 $C fit --model cnn --data iso_train.h5 --config "$CFG/cnn.yaml" --epochs 12 --accelerator cpu --out cnn_iso --force -q
@@ -36,6 +37,7 @@ $C evaluate --ckpt bnn_iso/model.ckpt --data mixed_test500.h5 --samples 32 --no-
 $C calibrate --ckpt bnn_iso/model.ckpt --data iso_cal2k.h5 --out bnn_iso/model-cal2k.ckpt --force -q
 $C evaluate --ckpt bnn_iso/model-cal2k.ckpt --data iso_test500.h5 --samples 32 --out eval_bnn_cal2k_iso500 --force -q
 $C evaluate --ckpt bnn_iso/model-cal2k.ckpt --data mixed_test500.h5 --samples 32 --no-hsm --out eval_bnn_cal2k_mixed --force -q
+$C evaluate --ckpt bnn_iso/model-cal2k.ckpt --data iso_test2k.h5 --samples 32 --out eval_bnn_cal2k_iso2k --force -q  # 30 min
 
 sim blend_train30k.h5 --n 30000 --seed 510 --config "$CFG/simulate/blends.yaml" --no-clean
 sim blend_test.h5 --n 2000 --seed 600 --config "$CFG/simulate/blends.yaml" --no-clean
