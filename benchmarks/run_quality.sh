@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The issue-3 quality runs on CPU, end to end: simulate train and test sets (never trained on),
 # fit the shape CNN (isolated, blended), the Pyro BNN and the VAE with the configs/ presets, evaluate
-# each with `cosmolit evaluate`. About 4 h and 11 GB of disk on 2 cores (the VAE 1 h 30 min, the
+# each with `cosmolit evaluate`. About 6 h and 11 GB of disk on 2 cores (the VAE 1 h 30 min, the
 # 40,000-stamp recalibration and test 1 h); only iso_train and iso_test keep the noiseless stamps
 # (the VAE's). Figures are copied into benchmarks/RESULTS.md by hand.
 #   bash benchmarks/run_quality.sh [WORKDIR]      (default: quality-runs/, created)
@@ -44,6 +44,9 @@ sim blend_test.h5 --n 2000 --seed 600 --config "$CFG/simulate/blends.yaml" --no-
 step "fit cnn (blends)"  # 24,000 + 6,000 blends, cosine schedule, 10 epochs (35 min)
 $C fit --model cnn --data blend_train30k.h5 --config "$CFG/cnn_blends.yaml" --accelerator cpu --out cnn_blend30k --force -q
 $C evaluate --ckpt cnn_blend30k/model.ckpt --data blend_test.h5 --out eval_cnn_blend30k --force -q
+step "resume cnn (blends) to 30 epochs"  # the cosine rate restarts from 0.76e-3 (1 h 40 min)
+$C fit --model cnn --data blend_train30k.h5 --config "$CFG/cnn_blends.yaml" --epochs 30 --accelerator cpu --out cnn_blend30k --resume -q
+$C evaluate --ckpt cnn_blend30k/model.ckpt --data blend_test.h5 --out eval_cnn_blend30k_e30 --force -q
 
 step "fit vae"  # 20 epochs along the preset's cosine schedule, then resumed to 30 (the schedule re-read)
 $C fit --model vae --data iso_train.h5 --config "$CFG/vae.yaml" --epochs 20 --accelerator cpu --out vae_iso --force -q

@@ -5,8 +5,9 @@ them (per-element PReLU, BatchNorm, the closed-form Gaussian loss): each element
 pass over every activation, forward and backward. TorchInductor fuses those passes into the
 kernels it generates, and AOTAutograd does the same for the backward graph, while the
 convolutions stay oneDNN's. Measured side by side on a 2-core CPU (benchmarks/RESULTS.md): the
-shape CNN's training step 1.2x to 1.5x faster at batch 2 to 128; the BNN's 1.0x at batch 2,
-where Pyro's tracing (left eager) dominates, and 1.2x to 1.3x at 32.
+shape CNN's training step 1.2x to 1.5x faster at batch 2 to 128; the BNN's 1.3x at batch 2, 1.2x
+at 8 and 1.3x at 32, once its weight draw and KL (1.2 M weights, batch-independent) are compiled
+with the network (1.0x at batch 2 with the network alone; Pyro's tracing stays eager).
 
 `CompiledCall` wraps one function (a bound method of the model). Compilation happens lazily at
 the first call, and again whenever a guard changes (train / eval mode, a new batch size). If
