@@ -93,16 +93,13 @@ class MeanFieldWeights(nn.Module):
         return [F.softplus(r) for r in self.rho]
 
     def rsample(self, samples: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                detach: bool = False, scales: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
+                detach: bool = False) -> list[torch.Tensor]:
         """One reparameterised draw per site, or `samples` draws stacked on a leading dim (S, *shape).
 
         Noise is drawn draw by draw, site by site, so a seeded generator gives the same weight
-        sets however the draws are grouped. `scales` (from `scales()`) avoids computing the
-        softplus twice when the KL needs it too.
+        sets however the draws are grouped. (Training draws one set with `draw(noise())`.)
         """
-        if scales is None:
-            scales = self.scales()
-        locs = list(self.loc)
+        locs, scales = list(self.loc), self.scales()
         if detach:
             locs, scales = [t.detach() for t in locs], [t.detach() for t in scales]
         draws = 1 if samples is None else int(samples)
@@ -197,8 +194,8 @@ class TorchBayesianShapeNet(nn.Module):
         """Mean likelihood term + KL / train_size with one weight draw (softplus computed once)."""
         from cosmolit.models.targets import shape_loss
 
-        scales = self.weights.scales()
-        weights = self.weights.as_dict(self.weights.rsample(scales=scales))
-        mean, scale_tril, fixed = run_shape_net(self.net, weights, x, fixed_features=self.loss_kind == "decoupled")
+        scales, weights = self.weights.draw(self.weights.noise())
+        mean, scale_tril, fixed = run_shape_net(self.net, self.weights.as_dict(weights), x,
+                                                fixed_features=self.loss_kind == "decoupled")
         kl = self.weights.kl(self.prior_scale, scales=scales)
         return shape_loss(self.loss_kind, y, mean, scale_tril, fixed).mean() + kl / self.train_size
