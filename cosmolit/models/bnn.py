@@ -72,8 +72,9 @@ class DrawnNormal(dist.Normal):
 
     The guide computes all sites' draws in one call (`BayesianShapeCNN._draw_guide`, which
     torch.compile fuses) and hands each site its value through this distribution; Pyro records
-    it as an ordinary Normal site. A draw with a sample shape, or from an expanded copy (Predictive
-    with parallel=True puts the guide in a plate), is a fresh one."""
+    it as an ordinary Normal site. A draw with a sample shape, or from an expanded copy (as a plate
+    around the guide would make), is a fresh one. (Predictive's parallel=True mode still fails: the
+    network takes one weight set per pass.)"""
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, value: torch.Tensor, validate_args=None):
         super().__init__(loc, scale, validate_args=validate_args)
