@@ -296,6 +296,10 @@ def test_evaluate_generation_ks(tmp_path):
     assert {"size", "abs_e", "flux_g", "flux_r", "flux_i", "colour_gr", "colour_ri"} <= set(same["ks"])
     assert same["adaptive_moments_failures"] == {"real": 0, "generated": 0}
     assert same["reconstruction"]["rmse_per_band"]["i"] == 0.0
+    assert same["reconstruction"]["ks"] == {"size": 0.0, "abs_e": 0.0}
+    assert same["reconstruction"]["shape_transfer"]["all"]["response"] == pytest.approx(1.0)
+    assert (tmp_path / "same" / "shape_transfer.png").stat().st_size > 0
+    assert "Shape response" in (tmp_path / "same" / "report.md").read_text()
     # very different galaxies: 100x brighter, blown up (larger), redder
     other = np.repeat(np.repeat(clean[:, :, 8:24, 8:24], 2, axis=2), 2, axis=3) * 100.0
     other[:, 0] *= 0.1
@@ -318,3 +322,31 @@ def test_write_json_is_strict_and_atomic(tmp_path):
         write_json(tmp_path / "m.json", {"x": object()})
     assert _strict_json(p)["c"] == 3  # the old file is intact
     assert [f.name for f in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_shape_transfer_response_and_snr_bins():
+    from cosmolit.measure.morphology import shape_transfer
+
+    rng = np.random.default_rng(3)
+    n = 400
+    e1, e2 = rng.normal(0, 0.2, n), rng.normal(0, 0.2, n)
+    snr = rng.uniform(5, 200, n)
+    # reconstructions keep the shapes of bright galaxies and halve those of faint ones
+    keep = np.where(snr > np.median(snr), 1.0, 0.5)
+    target = {"e1": e1, "e2": e2}
+    recon = {"e1": e1 * keep, "e2": e2 * keep}
+    recon["e1"][0] = np.nan  # a failed measurement is left out, not counted
+    out = shape_transfer(target, recon, snr, bins=2)
+    assert out["all"]["n"] == n - 1
+    assert 0.5 < out["all"]["response"] < 1.0
+    faint, bright = out["by_snr"]
+    assert faint["response"] == pytest.approx(0.5) and bright["response"] == pytest.approx(1.0)
+    assert faint["n"] + bright["n"] == n - 1
+    assert faint["snr_max"] == bright["snr_min"] and faint["snr_min"] == snr.min() and bright["snr_max"] == snr.max()
+    assert bright["median_abs_e_reconstruction"] == pytest.approx(bright["median_abs_e_target"])
+    assert faint["median_abs_e_reconstruction"] < 0.6 * faint["median_abs_e_target"]
+    assert shape_transfer(target, target)["by_snr"] == []
+    with pytest.raises(UsageError, match="snr"):
+        shape_transfer(target, target, snr[:10])
+    with pytest.raises(UsageError, match="length"):
+        shape_transfer(target, {"e1": e1[:10], "e2": e2[:10]})

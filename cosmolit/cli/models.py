@@ -108,9 +108,11 @@ def evaluate_cmd(
             reference = "clean" if info.has_clean else "images"
             real = load_images(data, limit=max(n_generate, 16), dataset=reference)
             generated = generate_images(net, n_generate, seed, device=device, progress=progress)
-            recon = _reconstructions(net, data, info, device, n=8)
+            # reconstructions of the same stamps, to tell the autoencoder's shape errors from the flow's
+            recon = _reconstructions(net, data, info, device, n=len(real))
+            snr = _truth_column(data, "snr", len(real))
             metrics = evaluate_generation(out, real, generated, info.bands, info.pixel_scale,
-                                          reconstructions=recon, progress=progress, reference=reference)
+                                          reconstructions=recon, progress=progress, reference=reference, snr=snr)
         else:
             from cosmolit.measure.report import evaluate_shapes
 
@@ -146,7 +148,8 @@ def evaluate_cmd(
     typer.echo(f"  report   {out / 'report.md'}")
 
 
-def _reconstructions(net, data, info, device, n: int = 8):
+def _reconstructions(net, data, info, device, n: int = 8, batch: int = 256):
+    """(inputs, targets, reconstructions) of the first n stamps, each (n, B, H, W) float32."""
     import h5py
     import numpy as np
     import torch
@@ -157,9 +160,21 @@ def _reconstructions(net, data, info, device, n: int = 8):
         source = "clean" if net.hparams.get("inputs") == "clean" and "clean" in f else "images"
         inputs = np.asarray(f[source][:k], dtype=np.float32)
         targets = np.asarray(f["clean"][:k], dtype=np.float32) if "clean" in f else inputs
+    net = net.to(device)
     with torch.no_grad():
-        recon = net.to(device).reconstruct(torch.from_numpy(inputs).to(device)).float().cpu().numpy()
+        recon = np.concatenate([net.reconstruct(torch.from_numpy(inputs[i:i + batch]).to(device)).float().cpu().numpy()
+                                for i in range(0, k, batch)])
     return inputs, targets, recon
+
+
+def _truth_column(data, name: str, n: int):
+    """The first n values of a truth column, or None when the file has no such column."""
+    from cosmolit.dataset import read_truth
+
+    try:
+        return read_truth(data, [name])[name][:n]
+    except UsageError:
+        return None
 
 
 @command("predict")

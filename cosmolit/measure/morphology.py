@@ -121,3 +121,44 @@ def ks_statistics(a: dict, b: dict) -> dict:
         res = ks_2samp(x, y)
         ks[name], pvalue[name] = float(res.statistic), float(res.pvalue)
     return {"ks": ks, "ks_pvalue": pvalue}
+
+
+def shape_transfer(target: dict, recon: dict, snr=None, bins: int = 4) -> dict:
+    """How a VAE's reconstructions carry the shapes of their targets, overall and in S/N bins.
+
+    `target`, `recon`: image_statistics(...)["stats"] of the same stamps (N,) in the same order;
+    `snr` (N,) the targets' signal-to-noise (truth column `snr`), or None for the overall row only.
+    Per row: n (stamps measured in both), the median abs(e) of targets and reconstructions, and the
+    shape response sum(e_rec . e_true) / sum(e_true . e_true) over both components: 1 when
+    reconstructions keep their targets' ellipticities, below 1 when they are rounder.
+    Bins are S/N quantiles, so each holds about N / bins stamps.
+    """
+    et = np.stack([np.asarray(target["e1"], float), np.asarray(target["e2"], float)], axis=1)  # (N, 2)
+    er = np.stack([np.asarray(recon["e1"], float), np.asarray(recon["e2"], float)], axis=1)  # (N, 2)
+    if et.shape != er.shape:
+        raise UsageError(f"target and reconstruction statistics differ in length: {len(et)} and {len(er)}")
+    ok = np.isfinite(et).all(axis=1) & np.isfinite(er).all(axis=1)
+
+    def row(sel) -> dict:
+        sel = sel & ok
+        t, r = et[sel], er[sel]
+        denom = float((t * t).sum())
+        return {"n": int(sel.sum()),
+                "median_abs_e_target": float(np.median(np.hypot(*t.T))) if len(t) else NAN,
+                "median_abs_e_reconstruction": float(np.median(np.hypot(*r.T))) if len(r) else NAN,
+                "response": float((r * t).sum() / denom) if denom > 0 else NAN}
+
+    out = {"all": row(np.ones(len(et), bool)), "by_snr": []}
+    if snr is not None:
+        snr = np.asarray(snr, float)
+        if snr.shape != (len(et),):
+            raise UsageError(f"snr must have one value per stamp ({len(et)}), got shape {snr.shape}")
+        good = np.isfinite(snr)
+        if good.sum() >= bins:
+            edges = np.quantile(snr[good], np.linspace(0, 1, bins + 1))
+            for k in range(bins):
+                hi_ok = snr <= edges[k + 1] if k == bins - 1 else snr < edges[k + 1]
+                r = row(good & (snr >= edges[k]) & hi_ok)
+                r.update(snr_min=float(edges[k]), snr_max=float(edges[k + 1]))
+                out["by_snr"].append(r)
+    return out

@@ -203,3 +203,34 @@ def distributions(real: Mapping[str, np.ndarray], generated: Mapping[str, np.nda
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def shape_transfer(target_e, recon_e, transfer: Mapping, path) -> Path:
+    """Left: reconstructed against true abs(e); right: shape response and median abs(e) per S/N bin."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4))
+    t, r = np.asarray(target_e, float), np.asarray(recon_e, float)
+    ok = np.isfinite(t) & np.isfinite(r)
+    a.scatter(t[ok], r[ok], s=3, alpha=0.4, c=COLOURS["network"])
+    hi = float(max(np.nanmax(t[ok], initial=0.1), np.nanmax(r[ok], initial=0.1)))
+    a.plot([0, hi], [0, hi], "k--", lw=1, label="y = x")
+    a.set_xlabel("abs(e) of the clean target")
+    a.set_ylabel("abs(e) of the reconstruction")
+    a.legend(fontsize=7)
+    rows = [row for row in transfer.get("by_snr") or [] if np.isfinite(row["response"]) and row["snr_max"] > 0]
+    if rows:
+        mid = [np.sqrt(row["snr_min"] * row["snr_max"]) if row["snr_min"] > 0 else row["snr_max"] / 2 for row in rows]
+        b.plot(mid, [row["response"] for row in rows], "o-", label="shape response")
+        ratio = [row["median_abs_e_reconstruction"] / row["median_abs_e_target"]
+                 if row["median_abs_e_target"] else np.nan for row in rows]
+        b.plot(mid, ratio, "s--", label="median abs(e) ratio")
+        b.axhline(1.0, color="k", lw=1)
+        b.set_xscale("log")
+        b.set_xlabel("S/N of the target (quantile bins)")
+        b.set_ylabel("reconstruction / target")
+        b.legend(fontsize=7)
+    else:
+        b.axis("off")
+        b.text(0.5, 0.5, "no S/N bin with measured shapes", ha="center", va="center", fontsize=8)
+    fig.suptitle("do reconstructions keep the galaxies' shapes?", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

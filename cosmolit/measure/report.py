@@ -371,7 +371,7 @@ UNITS = {"size": "pixels, adaptive-moment sigma", "abs_e": "distortion", "e1": "
 
 def evaluate_generation(out_dir, real_images, generated, bands: str, pixel_scale: float,
                         reconstructions=None, progress: bool = True, band: str | None = None,
-                        reference: str = "images") -> dict:
+                        reference: str = "images", snr=None) -> dict:
     """Compare generated (M, B, H, W) with simulated (N, B, H, W) galaxies [electrons].
 
     `reference` names what real_images are, recorded as `reference_images`: "clean" (the
@@ -382,9 +382,14 @@ def evaluate_generation(out_dir, real_images, generated, bands: str, pixel_scale
     Writes metrics.json (ks, ks_pvalue, medians, failures), report.md, generated_grid.png,
     simulated_grid.png, distributions.png and, with reconstructions = (inputs, targets, recon),
     reconstructions.png. Returns the metrics dict.
+
+    With reconstructions, their sizes and shapes are measured against their targets' too
+    (`reconstruction.ks`, `reconstruction.shape_transfer`, shape_transfer.png): whether a gap
+    between generated and simulated shapes is already in the autoencoder or comes from the latent
+    flow. `snr` (n,), the targets' S/N, splits the shape response into S/N quantile bins.
     """
     from cosmolit.measure import plots
-    from cosmolit.measure.morphology import image_statistics, ks_statistics
+    from cosmolit.measure.morphology import image_statistics, ks_statistics, shape_transfer
 
     out = _out_dir(out_dir)
     real = np.asarray(real_images, dtype=np.float32)
@@ -432,13 +437,24 @@ def evaluate_generation(out_dir, real_images, generated, bands: str, pixel_scale
         tflux, rflux = targets.sum(axis=(-2, -1)), recon.sum(axis=(-2, -1))  # (n, B)
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(tflux > 0, (rflux - tflux) / tflux, np.nan)
+        ts = image_statistics(targets, bands, pixel_scale, band=rs["band"], progress=progress, label="(targets)")
+        rcs = image_statistics(recon, bands, pixel_scale, band=rs["band"], progress=progress,
+                               label="(reconstructions)")
+        transfer = shape_transfer(ts["stats"], rcs["stats"], snr)
+        rks = ks_statistics({k: ts["stats"][k] for k in ("size", "abs_e")},
+                            {k: rcs["stats"][k] for k in ("size", "abs_e")})
         metrics["reconstruction"] = {
             "n": int(inputs.shape[0]),
             "rmse_per_band": {b: float(np.sqrt(np.mean(diff[:, k] ** 2))) for k, b in enumerate(bands)},
             "median_relative_flux_error": {b: _median(rel[:, k]) for k, b in enumerate(bands)},
+            "ks": rks["ks"],
+            "median_size": {"target": _median(ts["stats"]["size"]), "reconstruction": _median(rcs["stats"]["size"])},
+            "shape_transfer": transfer,
         }
         plots.reconstruction_grid(inputs, targets, recon, bands, out / "reconstructions.png")
         figures.append(("reconstructions.png", "input / clean target / reconstruction / residual"))
+        plots.shape_transfer(ts["stats"]["abs_e"], rcs["stats"]["abs_e"], transfer, out / "shape_transfer.png")
+        figures.append(("shape_transfer.png", "reconstructed against true shapes, and the shape response by S/N"))
     metrics["figures"] = [f for f, _ in figures]
     clean = to_jsonable(metrics)
     write_json(out / "metrics.json", clean)
@@ -470,6 +486,18 @@ def _generation_report(m: dict, figures) -> str:
                   + ", ".join(f"{b} {_fmt(v, '.1f')}" for b, v in r["rmse_per_band"].items())
                   + "; median relative flux error "
                   + ", ".join(f"{b} {_fmt(v, '+.3f')}" for b, v in r["median_relative_flux_error"].items()) + ".", ""]
+        if "shape_transfer" in r:
+            st = r["shape_transfer"]
+            lines += [f"Reconstructions against their targets: KS size {_fmt(r['ks'].get('size'), '.3f')}, "
+                      f"KS abs(e) {_fmt(r['ks'].get('abs_e'), '.3f')}. Shape response (sum e_rec.e_true / "
+                      "sum e_true.e_true; 1 when the reconstructions keep the shapes, below 1 when they are rounder):",
+                      "", "| targets | n | median abs(e) target | median abs(e) reconstruction | shape response |",
+                      "|---|---|---|---|---|"]
+            for name, row in [("all", st["all"])] + [
+                    (f"S/N {_fmt(b['snr_min'], '.3g')} to {_fmt(b['snr_max'], '.3g')}", b) for b in st["by_snr"]]:
+                lines.append(f"| {name} | {row['n']} | {_fmt(row['median_abs_e_target'], '.3f')} | "
+                             f"{_fmt(row['median_abs_e_reconstruction'], '.3f')} | {_fmt(row['response'], '.3f')} |")
+            lines.append("")
     lines += ["## Figures", ""]
     for fname, caption in figures:
         lines += [f"![{caption}]({fname})", ""]
