@@ -130,6 +130,21 @@ def test_denoiser_target_is_the_clean_image(synthetic_small_h5):
     gaussian_nll(target, pred_leaf, optimal_log_sigma(target, pred_leaf)).sum().backward()
     expected = (pred - target).detach() / rms.view(1, -1, 1, 1) ** 2
     assert torch.allclose(pred_leaf.grad, expected, rtol=1e-4, atol=1e-6)
+    # recon_sigma "stamp": the maximum-likelihood sigma of each stamp and band, so that every
+    # galaxy weighs alike whatever its brightness
+    per_stamp = _vae(recon_sigma="stamp").eval()
+    per_stamp.load_state_dict(vae.state_dict())
+    torch.manual_seed(3)
+    stamp_terms = per_stamp.loss_terms(x, clean)
+    rms_nb = (target - pred).pow(2).mean(dim=(2, 3)).sqrt()  # (B, C)
+    ref_nb = gaussian_nll(target, pred, rms_nb.log())  # (B,)
+    assert torch.allclose(stamp_terms["rec"], ref_nb.mean(), rtol=1e-5)
+    assert not torch.allclose(stamp_terms["rec"], denoise["rec"])
+    hw = target.shape[-1] * target.shape[-2]
+    assert torch.allclose(ref_nb, (hw * rms_nb.log() + hw * 0.5 * (1 + np.log(2 * np.pi))).sum(-1), rtol=1e-5)
+    pred_leaf.grad = None
+    gaussian_nll(target, pred_leaf, optimal_log_sigma(target, pred_leaf, per_stamp=True)).sum().backward()
+    assert torch.allclose(pred_leaf.grad, (pred - target).detach() / rms_nb[:, :, None, None] ** 2, rtol=1e-4, atol=1e-6)
     # a learned or fixed sigma is a parameter or buffer instead
     assert isinstance(_vae(recon_sigma="learned").log_sigma, torch.nn.Parameter)
     assert float(_vae(recon_sigma=0.5).log_sigma[0]) == pytest.approx(np.log(0.5))

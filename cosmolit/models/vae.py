@@ -15,6 +15,10 @@ al. 2021). `recon_sigma` chooses it:
 
     optimal  (default) sigma_b^2 = mean squared residual of band b over the batch, held fixed
              (`detach`) in the gradient: the maximum-likelihood sigma, known at every step.
+    stamp    the same per stamp and band: sigma_nb^2 = mean squared residual of band b of stamp n.
+             Each stamp then weighs alike (its loss is (H W / 2) log sigma_nb^2 + const), whereas
+             with `optimal` the brightest galaxies of a batch set sigma_b and the residuals of the
+             faint ones, the majority, barely count.
     learned  a free parameter per band. Measured on 8,000 LSST-like stamps (batch 100): Adam
              moves log sigma by about lr per step, so sigma falls from 1 towards the residual
              level over thousands of steps while the reconstruction weight 1/sigma^2 keeps
@@ -59,7 +63,7 @@ from cosmolit.nn.trunk import Trunk, init_he_, make_prelu
 STD_EPS = 1e-4  # added to the softplus std of q(z|x)
 LOG_SIGMA_MIN = -7.0  # floor of the learned log sigma (asinh units)
 FLOW_LATENTS = ("sample", "mean")
-RECON_SIGMAS = ("optimal", "learned")  # or a positive number; None (older checkpoints) = learned
+RECON_SIGMAS = ("optimal", "stamp", "learned")  # or a positive number; None (older checkpoints) = learned
 CPU_CHUNK = 32  # latents decoded at once by `generate` on CPU
 VAE_INPUTS = ("noisy", "clean")  # what the encoder sees in training (see the module docstring)
 
@@ -102,7 +106,7 @@ def _check_hparams(latent_dim, filters, prelu, kl_weight, recon_sigma, lr, flow_
             raise ValueError(f"recon_sigma {recon_sigma!r} is not allowed; choose one of {', '.join(RECON_SIGMAS)} "
                              f"or a positive number")
     elif recon_sigma is not None and not (isinstance(recon_sigma, (int, float)) and recon_sigma > 0):
-        raise ValueError(f"recon_sigma must be optimal, learned or a positive number, got {recon_sigma!r}")
+        raise ValueError(f"recon_sigma must be optimal, stamp, learned or a positive number, got {recon_sigma!r}")
     if not flow_lr > 0:
         raise ValueError(f"flow_lr must be > 0, got {flow_lr}")
     if flow_layers < 1 or not flow_hidden or min(flow_hidden) < 1:
@@ -121,15 +125,18 @@ def gaussian_kl(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return (0.5 * (mu.pow(2) + sigma.pow(2) - 1.0) - torch.log(sigma)).sum(-1)
 
 
-def optimal_log_sigma(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """Maximum-likelihood log sigma per band (C,) of the residual over (B, H, W), without gradient."""
-    mse = (target - pred).detach().pow(2).mean(dim=(0, 2, 3))  # (C,)
+def optimal_log_sigma(target: torch.Tensor, pred: torch.Tensor, per_stamp: bool = False) -> torch.Tensor:
+    """Maximum-likelihood log sigma of the residual, without gradient: per band (C,) over (B, H, W),
+    or with per_stamp per stamp and band (B, C) over (H, W)."""
+    dims = (2, 3) if per_stamp else (0, 2, 3)
+    mse = (target - pred).detach().pow(2).mean(dim=dims)  # (C,) or (B, C)
     return 0.5 * torch.log(mse.clamp(min=math.exp(2 * LOG_SIGMA_MIN)))
 
 
 def gaussian_nll(target: torch.Tensor, pred: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-    """Per-sample Gaussian negative log-likelihood summed over (C, H, W), one log sigma per band (C,)."""
-    ls = log_sigma.view(1, -1, 1, 1)  # (1, C, 1, 1)
+    """Per-sample Gaussian negative log-likelihood summed over (C, H, W); log sigma per band (C,) or
+    per stamp and band (B, C)."""
+    ls = log_sigma.view(-1 if log_sigma.dim() == 2 else 1, log_sigma.shape[-1], 1, 1)  # (1 or B, C, 1, 1)
     per_pixel = 0.5 * ((target - pred) * torch.exp(-ls)).pow(2) + ls + 0.5 * math.log(2 * math.pi)
     return per_pixel.flatten(1).sum(-1)  # (B,)
 
@@ -180,7 +187,7 @@ class GalaxyVAE(CosmolitModule):
         self.recon_sigma = "learned" if recon_sigma is None else recon_sigma
         if self.recon_sigma == "learned":  # one per band
             self.log_sigma = nn.Parameter(torch.zeros(n_bands))
-        elif self.recon_sigma != "optimal":
+        elif self.recon_sigma not in ("optimal", "stamp"):
             self.register_buffer("log_sigma", torch.full((n_bands,), math.log(float(recon_sigma))))
         # Generation: the flow works on standardised latents (z - latent_loc) / latent_scale.
         self.flow = LatentFlow(latent_dim, int(flow_layers), tuple(flow_hidden))
@@ -223,8 +230,8 @@ class GalaxyVAE(CosmolitModule):
         z = mu + sigma * torch.randn_like(mu)  # reparameterised draw, (B, L)
         pred = self.decoder(z)  # (B, C, H, W), normalised space
         target = self.normalise(target)
-        if self.recon_sigma == "optimal":
-            log_sigma = optimal_log_sigma(target, pred)  # (C,)
+        if self.recon_sigma in ("optimal", "stamp"):
+            log_sigma = optimal_log_sigma(target, pred, per_stamp=self.recon_sigma == "stamp")  # (C,) or (B, C)
         else:
             log_sigma = self.log_sigma.clamp(min=LOG_SIGMA_MIN)
         rec = gaussian_nll(target, pred, log_sigma).mean()
