@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The issue-3 quality runs on CPU, end to end: simulate train and test sets (never trained on),
 # fit the shape CNN (isolated, blended), the Pyro BNN and the VAE with the configs/ presets, evaluate
-# each with `cosmolit evaluate`. About 6 h and 11 GB of disk on 2 cores (the VAE 1 h 30 min, the
+# each with `cosmolit evaluate`. About 7 h and 11 GB of disk on 2 cores (the two VAEs 2 h 30 min, the
 # 40,000-stamp recalibration and test 1 h); only iso_train and iso_test keep the noiseless stamps
 # (the VAE's). Figures are copied into benchmarks/RESULTS.md by hand.
 #   bash benchmarks/run_quality.sh [WORKDIR]      (default: quality-runs/, created)
@@ -53,4 +53,7 @@ $C fit --model vae --data iso_train.h5 --config "$CFG/vae.yaml" --epochs 20 --ac
 $C evaluate --ckpt vae_iso/model.ckpt --data iso_test.h5 --n-generate 1000 --out eval_vae20 --force -q
 $C fit --model vae --data iso_train.h5 --config "$CFG/vae.yaml" --epochs 30 --accelerator cpu --out vae_iso --resume -q
 $C evaluate --ckpt vae_iso/model.ckpt --data iso_test.h5 --n-generate 1000 --out eval_vae --force -q
+step "fit vae (noiseless inputs, one sigma per stamp and band)"  # 24 epochs at batch 32 (1 h)
+$C fit --model vae --data iso_train.h5 --config "$CFG/vae_clean.yaml" --accelerator cpu --out vae_clean --force -q
+$C evaluate --ckpt vae_clean/model.ckpt --data iso_test.h5 --n-generate 1000 --out eval_vae_clean --force -q
 step done

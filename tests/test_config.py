@@ -96,7 +96,7 @@ def test_any_mapping_builds_or_fails_cleanly(data):
 
 
 @pytest.mark.parametrize("kind, name", [("cnn", "cnn.yaml"), ("cnn", "cnn_blends.yaml"), ("bnn", "bnn.yaml"),
-                                        ("vae", "vae.yaml")])
+                                        ("vae", "vae.yaml"), ("vae", "vae_clean.yaml")])
 def test_fit_presets_load_and_compile_where_it_pays(kind, name):
     from pathlib import Path
 

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from cosmolit.dataset import atomic_path  # noqa: E402
 
@@ -225,7 +226,9 @@ def shape_transfer(target_e, recon_e, transfer: Mapping, path) -> Path:
         b.plot(mid, ratio, "s--", label="median abs(e) ratio")
         b.axhline(1.0, color="k", lw=1)
         b.set_xscale("log")
-        b.set_xlabel("S/N of the target (quantile bins)")
+        b.xaxis.set_minor_formatter(NullFormatter())  # the bins' own ticks only: minor labels overlap
+        b.set_xticks(mid, [f"{m:.0f}" for m in mid])
+        b.set_xlabel("S/N of the target (geometric centre of each quantile bin)")
         b.set_ylabel("reconstruction / target")
         b.legend(fontsize=7)
     else:
