@@ -72,7 +72,8 @@ def evaluate_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Refuse a checkpoint of another model kind."),
     samples: Optional[int] = typer.Option(None, "--samples", help="BNN weight samples per stamp (default: the model's)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b"),
-    n_generate: int = typer.Option(1000, "--n-generate", help="VAE: galaxies generated for the comparison."),
+    n_generate: int = typer.Option(1000, "--n-generate", help="VAE: galaxies generated for the comparison "
+                                   "(as many simulated stamps are compared and reconstructed)."),
     no_hsm: bool = typer.Option(False, "--no-hsm", help="Skip the GalSim HSM baseline."),
     accelerator: str = typer.Option("auto", "--accelerator", "-a", help="auto, cpu or gpu (inference)."),
     seed: int = typer.Option(0, "--seed"),
