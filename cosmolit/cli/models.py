@@ -110,7 +110,7 @@ def evaluate_cmd(
             real = load_images(data, limit=max(n_generate, 16), dataset=reference)
             generated = generate_images(net, n_generate, seed, device=device, progress=progress)
             # reconstructions of the same stamps, to tell the autoencoder's shape errors from the flow's
-            recon = _reconstructions(net, data, info, device, n=len(real))
+            recon = _reconstructions(net, data, real, reference, device)
             snr = _truth_column(data, "snr", len(real))
             metrics = evaluate_generation(out, real, generated, info.bands, info.pixel_scale,
                                           reconstructions=recon, progress=progress, reference=reference, snr=snr)
@@ -149,18 +149,24 @@ def evaluate_cmd(
     typer.echo(f"  report   {out / 'report.md'}")
 
 
-def _reconstructions(net, data, info, device, n: int = 8, batch: int = 256):
-    """(inputs, targets, reconstructions) of the first n stamps, each (n, B, H, W) float32."""
+def _reconstructions(net, data, targets, reference: str, device, batch: int = 256):
+    """(inputs, targets, reconstructions) of the first len(targets) stamps, each (n, B, H, W) float32.
+
+    `targets` are those stamps as already read from the file's `reference` dataset (clean when the
+    file has it); the inputs are read only when the encoder sees another dataset."""
     import h5py
     import numpy as np
     import torch
 
-    with h5py.File(data, "r") as f:
-        k = min(n, info.n)
-        # a VAE trained on the noiseless stamps (inputs: clean) is shown those
-        source = "clean" if net.hparams.get("inputs") == "clean" and "clean" in f else "images"
-        inputs = np.asarray(f[source][:k], dtype=np.float32)
-        targets = np.asarray(f["clean"][:k], dtype=np.float32) if "clean" in f else inputs
+    targets = np.asarray(targets, dtype=np.float32)
+    k = len(targets)
+    # a VAE trained on the noiseless stamps (inputs: clean) is shown those
+    source = "clean" if net.hparams.get("inputs") == "clean" and reference == "clean" else "images"
+    if source == reference:
+        inputs = targets
+    else:
+        with h5py.File(data, "r") as f:
+            inputs = np.asarray(f[source][:k], dtype=np.float32)
     net = net.to(device)
     with torch.no_grad():
         recon = np.concatenate([net.reconstruct(torch.from_numpy(inputs[i:i + batch]).to(device)).float().cpu().numpy()
