@@ -14,6 +14,14 @@ validation and the rest to training. The training order depends only on (seed, e
 (EpochShuffleSampler, so a resumed run sees the same batches) and the loader drops the last incomplete batch (static shapes, as the IPU needs); the validation loader
 keeps the file order and every stamp.
 
+Fresh noise (renoise=True): the training inputs are the file's noiseless `scene` stamps (target +
+neighbours) plus new noise drawn for every stamp in every epoch, Gaussian with the variance of the
+simulator's Poisson noise, sky_level_b + max(scene, 0) electrons (the normal limit of the Poisson
+counts; LSST's sky is 1,600 to 300,000 electrons per pixel at 10-year depth). The noise of stamp row r
+in epoch k comes from numpy default_rng([seed, k, r, 1]), so it too depends only on (seed, epoch).
+The network then never sees one noise realisation twice and cannot learn it; validation keeps the
+stored noisy `images`.
+
 Targets: `target_stats` gives the mean and standard deviation of each truth column over the
 training split; the shape networks standardise their targets with them. The same seed gives the same batches whatever
 `num_workers` and whether the images are held in memory or streamed from the file.
@@ -44,6 +52,7 @@ from cosmolit.dataset import DatasetInfo, inspect_dataset
 from cosmolit.errors import UsageError
 
 TARGET_KINDS = ("truth", "clean")
+NOISE_STREAM = 1  # last entry of the seed of the fresh noise, default_rng([seed, epoch, row, NOISE_STREAM])
 DATA_INPUTS = ("images", "clean")  # the stamps the network sees: noisy images, or the noiseless ones
 MAD_TO_SIGMA = 1.4826
 NORM_STAMPS = 2000  # at most this many training stamps for the normalisation
@@ -123,12 +132,15 @@ class EpochShuffleSampler:
     one. `skip` (stamps) drops the start of the next epoch's order once: the batches a
     mid-epoch checkpoint had already trained on. With `augment`, each item is
     position * AUGMENT_GROUP + g, g the grid symmetry drawn for that stamp in that epoch: the
-    augmentation too depends only on (seed, epoch), not on the number of workers.
+    augmentation too depends only on (seed, epoch), not on the number of workers. With
+    `with_epoch` (fresh noise), epoch * n * G is added to each item (G = AUGMENT_GROUP with
+    augment, else 1), so that the dataset knows the epoch of the noise it draws.
     """
 
-    def __init__(self, n: int, seed: int, augment: bool = False):
+    def __init__(self, n: int, seed: int, augment: bool = False, with_epoch: bool = False):
         self.n, self.seed, self.epoch, self.skip = int(n), int(seed), 0, 0
         self.augment = bool(augment)
+        self.with_epoch = bool(with_epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -141,6 +153,8 @@ class EpochShuffleSampler:
         order = rng.permutation(self.n)
         if self.augment:
             order = order * AUGMENT_GROUP + rng.integers(0, AUGMENT_GROUP, self.n)
+        if self.with_epoch:
+            order = order + self.epoch * self.n * (AUGMENT_GROUP if self.augment else 1)
         skip, self.skip = self.skip, 0
         return iter(order[skip:].tolist())
 
@@ -152,13 +166,17 @@ class _Stamps(Dataset):
     read from `path` lazily. targets: (len(index), T) float32, or None to return the clean
     stamps (or the images themselves when clean is False). signs: (T, 2) from `augment_signs`
     to take items encoded by an augmenting EpochShuffleSampler (None: plain positions).
+    noise: (sky_level (C,), seed) to add fresh noise to the inputs (the `scene` stamps), items
+    then carrying their epoch (EpochShuffleSampler with_epoch); None: inputs as stored.
     """
 
     def __init__(self, path: str, index: np.ndarray, targets: Optional[np.ndarray], clean: bool,
-                 arrays: Optional[dict] = None, signs: Optional[np.ndarray] = None, inputs: str = "images"):
+                 arrays: Optional[dict] = None, signs: Optional[np.ndarray] = None, inputs: str = "images",
+                 noise: Optional[tuple[np.ndarray, int]] = None):
         self.path, self.index, self.targets, self.clean, self.arrays = path, index, targets, clean, arrays
-        self.inputs = inputs  # the file dataset x is read from: images, or clean
+        self.inputs = inputs  # the file dataset x is read from: images, clean, or scene
         self.signs = signs
+        self.noise = noise
         self._file = None
         self._pid = None
 
@@ -183,12 +201,16 @@ class _Stamps(Dataset):
     def __getitems__(self, items):
         """Several items in one read (the DataLoader calls this for a whole batch)."""
         pos = np.asarray(items, dtype=np.int64)
-        sym = None
+        sym = epoch = None
+        if self.noise is not None:
+            epoch, pos = np.divmod(pos, len(self.index) * (AUGMENT_GROUP if self.signs is not None else 1))
         if self.signs is not None:
             pos, sym = np.divmod(pos, AUGMENT_GROUP)
         rows = self.index[pos]
         uniq, inverse = np.unique(rows, return_inverse=True)  # h5py needs increasing rows
         x = self._read(self.inputs, uniq)[inverse]  # (b, C, H, W)
+        if self.noise is not None:
+            x = self._add_noise(x, rows, epoch)
         if self.targets is not None:
             t = self.targets[pos]  # (b, T)
         elif self.clean:
@@ -211,6 +233,15 @@ class _Stamps(Dataset):
     def __getitem__(self, i):
         return self.__getitems__([int(i)])[0]
 
+    def _add_noise(self, scene: np.ndarray, rows: np.ndarray, epochs: np.ndarray) -> np.ndarray:
+        """scene (b, C, H, W) + Gaussian noise of variance sky + max(scene, 0), seeded per (epoch, row)."""
+        sky, seed = self.noise
+        out = np.empty_like(scene)
+        for k, (row, epoch) in enumerate(zip(rows.tolist(), epochs.tolist())):
+            z = np.random.default_rng([seed, epoch, row, NOISE_STREAM]).standard_normal(scene.shape[1:], dtype=np.float32)
+            out[k] = scene[k] + z * np.sqrt(sky + np.maximum(scene[k], 0.0))
+        return out
+
 
 class GalaxyDataModule(pl.LightningDataModule):
     """Seeded train/validation loaders over one dataset file, with per-band normalisation."""
@@ -228,6 +259,7 @@ class GalaxyDataModule(pl.LightningDataModule):
         limit: Optional[int] = None,
         augment: bool = False,
         inputs: str = "images",
+        renoise: bool = False,
     ):
         super().__init__()
         if inputs not in DATA_INPUTS:
@@ -259,6 +291,8 @@ class GalaxyDataModule(pl.LightningDataModule):
         if inputs == "clean" and not self._info.has_clean:
             raise UsageError(f"dataset {self.path!r} has no noiseless 'clean' stamps to use as inputs; "
                              "simulate it with cosmolit simulate (which writes them) or train on the noisy images")
+        self.renoise = bool(renoise)
+        self._sky = self._check_renoise() if self.renoise else None
         self.n = min(self._info.n, int(limit)) if limit is not None else self._info.n
         n_val = int(round(self.n * self.val_fraction))
         n_val = min(max(n_val, 1), self.n - 1)
@@ -272,6 +306,19 @@ class GalaxyDataModule(pl.LightningDataModule):
         self._train: Optional[_Stamps] = None
         self._val: Optional[_Stamps] = None
         self.loaded_in_memory: Optional[bool] = None
+
+    def _check_renoise(self) -> np.ndarray:
+        """float32 (C, 1, 1) sky level of each band, for data.renoise; UsageError when it cannot be used."""
+        if self.inputs != "images":
+            raise UsageError(f"renoise draws fresh noise for the noisy inputs; it cannot be used with inputs: {self.inputs}")
+        if not self._info.has_scene:
+            raise UsageError(f"renoise needs the noiseless scenes, and dataset {self.path!r} has no 'scene' stamps; "
+                             "simulate it with `cosmolit simulate --scene` or set renoise: false")
+        sky = np.asarray(self._info.attrs.get("sky_level", []), dtype=np.float32).ravel()
+        if sky.shape != (len(self._info.bands),) or not np.all(np.isfinite(sky)) or np.any(sky < 0):
+            raise UsageError(f"renoise needs the attribute sky_level (electrons per pixel, one per band) in "
+                             f"{self.path!r}; it is missing or invalid: {self._info.attrs.get('sky_level')!r}")
+        return sky.reshape(-1, 1, 1)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -317,8 +364,7 @@ class GalaxyDataModule(pl.LightningDataModule):
         if self.in_memory is not None:
             return bool(self.in_memory)
         c, h, w = len(self._info.bands), self._info.height, self._info.width
-        copies = 2 if (self.target_kind == "clean" and self.has_clean and self.inputs == "images") else 1
-        need = self.n * c * h * w * 4 * copies
+        need = self.n * c * h * w * 4 * len(self._stamp_names())
         return need <= RAM_FRACTION * available_memory()
 
     def _scan(self, names: list[str], keep: bool) -> dict:
@@ -367,12 +413,19 @@ class GalaxyDataModule(pl.LightningDataModule):
                 sample = np.asarray(f["images"][pick], dtype=np.float32)  # (k, C, H, W)
         return [band_scale(sample[:, b].ravel()) for b in range(c)]
 
+    def _clean_targets(self) -> bool:
+        """Whether the clean stamps are read beside the inputs (with clean inputs the target is x itself)."""
+        return self.target_kind == "clean" and self.has_clean and self.inputs == "images"
+
+    def _stamp_names(self) -> list[str]:
+        """The file's stamp arrays that training and validation read."""
+        return [self.inputs] + (["clean"] if self._clean_targets() else []) + (["scene"] if self.renoise else [])
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self._train is not None:
             return
-        # clean targets read beside the inputs; with clean inputs the target is x itself
-        clean = self.target_kind == "clean" and self.has_clean and self.inputs == "images"
-        names = [self.inputs] + (["clean"] if clean else [])
+        clean = self._clean_targets()
+        names = self._stamp_names()
         keep = self._use_memory()
         arrays = self._scan(names, keep)
         self._normalisation = self._compute_normalisation(arrays if keep else None)
@@ -388,11 +441,16 @@ class GalaxyDataModule(pl.LightningDataModule):
             self._target_stats = [[float(m), float(v) if v > 0 else 1.0] for m, v in zip(train_truth.mean(0), std)]
         held = arrays if keep else None
 
-        def part(index, signs=None):
-            return _Stamps(self.path, index, None if truth is None else truth[index], clean, held, signs, self.inputs)
+        def part(index, signs=None, inputs=self.inputs, noise=None):
+            return _Stamps(self.path, index, None if truth is None else truth[index], clean, held, signs, inputs, noise)
 
-        self._train, self._val = part(self.train_index, self._signs), part(self.val_index)
-        self.train_sampler = EpochShuffleSampler(len(self.train_index), self.seed, augment=self.augment)
+        if self.renoise:  # training on the scenes plus fresh noise, validation on the stored images
+            self._train = part(self.train_index, self._signs, "scene", (self._sky, self.seed))
+        else:
+            self._train = part(self.train_index, self._signs)
+        self._val = part(self.val_index)
+        self.train_sampler = EpochShuffleSampler(len(self.train_index), self.seed, augment=self.augment,
+                                                 with_epoch=self.renoise)
         self.loaded_in_memory = keep
 
     # ------------------------------------------------------------------ loaders

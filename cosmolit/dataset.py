@@ -4,6 +4,8 @@ Layout (format_version 1)::
 
     images          float32 (N, B, H, W)  background-subtracted electrons per pixel, channels first
     clean           float32 (N, B, H, W)  optional: noiseless isolated target (denoising target)
+    scene           float32 (N, B, H, W)  optional: noiseless scene, target + neighbours (images before
+                                          noise; with attrs sky_level, fresh noise can be drawn)
     truth/<name>    1-D arrays of length N; at least e1, e2, redshift
     attrs:
       bands          str, one letter per channel in order, e.g. "ugrizy"
@@ -13,6 +15,8 @@ Layout (format_version 1)::
       seed           int (-1 when unknown)
       config         YAML text of the full configuration that made the file ("" when unknown)
       cosmolit_version str
+      sky_level      float array (B,), mean sky [electrons / pixel] (simulated files): the Poisson
+                     noise variance of a pixel is sky_level + scene
 
 Files are written under a temporary name in the same folder and renamed when complete, so
 a reader never sees a half-written file under the final name.
@@ -54,6 +58,7 @@ class DatasetInfo:
     format_version: int
     cosmolit_version: str
     attrs: dict = field(default_factory=dict)
+    has_scene: bool = False
 
     @property
     def stamp(self) -> tuple[int, int]:
@@ -123,11 +128,11 @@ def inspect_dataset(path: str | Path, require_truth: Sequence[str] = REQUIRED_TR
                 f"dataset {str(path)!r} lacks truth column(s) {', '.join(missing)}; it has: "
                 f"{', '.join(truth_names) or 'none'}"
             )
-        has_clean = "clean" in f
-        if has_clean and tuple(f["clean"].shape) != tuple(images.shape):
-            raise UsageError(
-                f"dataset {str(path)!r}: 'clean' has shape {f['clean'].shape}, expected {images.shape}"
-            )
+        for name in ("clean", "scene"):
+            if name in f and tuple(f[name].shape) != tuple(images.shape):
+                raise UsageError(
+                    f"dataset {str(path)!r}: '{name}' has shape {f[name].shape}, expected {images.shape}"
+                )
         psf = f.attrs.get("psf_fwhm", [float("nan")] * nb)
         psf = [float(x) for x in np.atleast_1d(psf)]
         version = int(f.attrs.get("format_version", FORMAT_VERSION))
@@ -146,7 +151,8 @@ def inspect_dataset(path: str | Path, require_truth: Sequence[str] = REQUIRED_TR
             seed=int(f.attrs.get("seed", -1)),
             config=_attr_str(f.attrs.get("config", "")),
             truth_names=truth_names,
-            has_clean=has_clean,
+            has_clean="clean" in f,
+            has_scene="scene" in f,
             format_version=version,
             cosmolit_version=_attr_str(f.attrs.get("cosmolit_version", "")),
             attrs={k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()},
@@ -182,14 +188,17 @@ def read_truth(path: str | Path, names: Sequence[str] | None = None, index=None)
         return out
 
 
-def iter_images(path: str | Path, batch_size: int, dataset: str = "images") -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (start, float32 (b, B, H, W)) chunks of a dataset's images; UsageError on NaN or Inf pixels."""
+def iter_images(path: str | Path, batch_size: int, dataset: str = "images",
+                limit: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (start, float32 (b, B, H, W)) chunks of a dataset's images (the first `limit` stamps; all
+    when None); UsageError on NaN or Inf pixels."""
     import h5py
 
     with h5py.File(path, "r") as f:
         ds = f[dataset]
-        for start in range(0, ds.shape[0], batch_size):
-            block = np.asarray(ds[start : start + batch_size], dtype=np.float32)
+        n = ds.shape[0] if limit is None else min(int(limit), ds.shape[0])
+        for start in range(0, n, batch_size):
+            block = np.asarray(ds[start : min(start + batch_size, n)], dtype=np.float32)
             bad = ~np.isfinite(block)
             if bad.any():
                 first = start + int(np.argwhere(bad)[0][0])
@@ -257,6 +266,7 @@ class DatasetWriter:
         truth_names: Sequence[str],
         attrs: Mapping | None = None,
         clean: bool = False,
+        scene: bool = False,
         truth_dtypes: Mapping[str, str] | None = None,
         chunk: int = 64,
         extras: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
@@ -265,7 +275,7 @@ class DatasetWriter:
         self.n, self.bands, self.height, self.width = int(n), bands, int(height), int(width)
         self.truth_names = list(truth_names)
         self.attrs = dict(attrs or {})
-        self.with_clean = clean
+        self.stamp_arrays = [name for name, on in (("clean", clean), ("scene", scene)) if on]  # beside images
         self.truth_dtypes = dict(truth_dtypes or {})
         self.chunk = max(1, min(int(chunk), self.n))
         # extra per-stamp arrays, name -> (shape after N, dtype), e.g. {"predictions/mean": ((3,), "f4")}
@@ -286,9 +296,8 @@ class DatasetWriter:
             shape = (self.n, len(self.bands), self.height, self.width)
             chunks = (self.chunk, len(self.bands), self.height, self.width)
             # track_times=False: the same content gives the same bytes.
-            f.create_dataset("images", shape=shape, dtype="f4", chunks=chunks, track_times=False)
-            if self.with_clean:
-                f.create_dataset("clean", shape=shape, dtype="f4", chunks=chunks, track_times=False)
+            for name in ["images"] + self.stamp_arrays:
+                f.create_dataset(name, shape=shape, dtype="f4", chunks=chunks, track_times=False)
             g = f.create_group("truth", track_order=True)
             for name in self.truth_names:
                 g.create_dataset(
@@ -313,15 +322,16 @@ class DatasetWriter:
         return self
 
     def write(self, start: int, images: np.ndarray, truth: Mapping[str, np.ndarray], clean: np.ndarray | None = None,
-              extra: Mapping[str, np.ndarray] | None = None):
+              extra: Mapping[str, np.ndarray] | None = None, scene: np.ndarray | None = None):
         stop = start + len(images)
         for name, values in (extra or {}).items():
             self._file[name][start:stop] = np.asarray(values)
         self._file["images"][start:stop] = np.asarray(images, dtype=np.float32)
-        if self.with_clean:
-            if clean is None:
-                raise ValueError("this writer stores 'clean' images; pass clean=")
-            self._file["clean"][start:stop] = np.asarray(clean, dtype=np.float32)
+        given = {"clean": clean, "scene": scene}
+        for name in self.stamp_arrays:
+            if given[name] is None:
+                raise ValueError(f"this writer stores '{name}' stamps; pass {name}=")
+            self._file[name][start:stop] = np.asarray(given[name], dtype=np.float32)
         for name in self.truth_names:
             self._file["truth"][name][start:stop] = np.asarray(truth[name])
         self.written += len(images)

@@ -24,9 +24,9 @@ def inference_device(accelerator: str) -> str:
 
 
 def predict_shapes(model, kind: str, path, batch_size: int = 64, samples: int | None = None,
-                   device: str = "cpu", progress: bool = True) -> dict[str, np.ndarray]:
-    """Predictions of a shape model over a file: mean (N, T), cov (N, T, T) and, for the BNN,
-    aleatoric_cov and epistemic_cov (N, T, T)."""
+                   device: str = "cpu", progress: bool = True, limit: int | None = None) -> dict[str, np.ndarray]:
+    """Predictions of a shape model over a file (its first `limit` stamps; all when None): mean
+    (N, T), cov (N, T, T) and, for the BNN, aleatoric_cov and epistemic_cov (N, T, T)."""
     import torch
 
     from cosmolit.progress import progress_bar
@@ -34,8 +34,9 @@ def predict_shapes(model, kind: str, path, batch_size: int = 64, samples: int | 
     info = inspect_dataset(path, require_truth=())
     model = model.to(device).eval()
     out: dict[str, list] = {}
-    with torch.no_grad(), progress_bar(info.n, "predicting", enabled=progress) as advance:
-        for _, block in iter_images(path, batch_size):
+    n = info.n if limit is None else min(int(limit), info.n)
+    with torch.no_grad(), progress_bar(n, "predicting", enabled=progress) as advance:
+        for _, block in iter_images(path, batch_size, limit=n):
             x = torch.from_numpy(block).to(device)
             kwargs = {"samples": samples or int(model.hparams.get("samples", 100))} if kind == "bnn" else {}
             parts = model.estimate(x, **kwargs)
@@ -85,13 +86,7 @@ def generate_images(model, n: int, seed: int, batch_size: int = 500, prior: bool
 
 def load_images(path, limit: int | None = None, batch_size: int = 256, dataset: str = "images") -> np.ndarray:
     """Stamps of a file (the first `limit`; `dataset` "images" or "clean"), checked for NaN/Inf."""
-    blocks = []
-    for start, block in iter_images(path, batch_size, dataset):
-        blocks.append(block)
-        if limit is not None and start + len(block) >= limit:
-            break
-    images = np.concatenate(blocks)
-    return images if limit is None else images[:limit]
+    return np.concatenate([block for _, block in iter_images(path, batch_size, dataset, limit)])
 
 
 def calibrate_checkpoint(ckpt: Path, data: Path, out: Path, batch_size: int = 64, device: str = "cpu",

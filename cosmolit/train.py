@@ -36,6 +36,7 @@ class DataConfig:
     in_memory: Optional[bool] = None
     limit: Optional[int] = None
     augment: bool = True  # grid-symmetry augmentation of training stamps (cosmolit.data)
+    renoise: bool = False  # fresh noise on the noiseless scenes every epoch (needs `simulate --scene`)
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -356,6 +357,7 @@ def fit(
         in_memory=cfg.data.in_memory,
         limit=cfg.data.limit,
         augment=cfg.data.augment,
+        renoise=cfg.data.renoise,
         inputs="clean" if getattr(model_cfg, "inputs", "noisy") == "clean" else "images",
     )
     dm.setup("fit")

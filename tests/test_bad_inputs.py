@@ -114,6 +114,8 @@ CASES = [
     ("evaluate-wrong-kind", _eval("G", "D/vae/model.ckpt", "--model", "bnn"), ["vae", "bnn"]),
     ("evaluate-batch-zero", _eval("G", "D/cnn/model.ckpt", "-b", "0"), ["--batch-size"]),
     ("evaluate-accelerator", _eval("G", "D/cnn/model.ckpt", "-a", "ipu"), ["ipu"]),
+    ("evaluate-limit-zero", _eval("G", "D/cnn/model.ckpt", "--limit", "0"), ["--limit"]),
+    ("evaluate-limit-vae", _eval("G", "D/vae/model.ckpt", "--limit", "5"), ["--limit", "--n-generate"]),
     ("predict-exists", _pred("G", out="D/existing.h5"), ["--force"]),
     ("predict-out-under-file", _pred("G", out="D/afile.txt/p.h5"), ["afile.txt"]),
     ("predict-no-images", _pred("D/noimages.h5"), ["images"]),

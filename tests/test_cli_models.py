@@ -92,6 +92,11 @@ def test_evaluate_with_hsm(fitted, tmp_path):
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert "hsm_regauss" in m and "failure_rate" in m["hsm_regauss"]
     assert 0.0 <= m["hsm_regauss"]["failure_rate"] <= 1.0
+    # --limit: the first stamps only, for the network and for HSM alike
+    run("evaluate", "--ckpt", fitted["cnn"] / "model.ckpt", "--data", few, "--out", tmp_path / "ev4", "-q",
+        "--accelerator", "cpu", "--limit", "4")
+    m4 = json.loads((tmp_path / "ev4" / "metrics.json").read_text())
+    assert m4["n"] == 4 and m4["hsm_regauss"]["n"] == 4
 
 
 @pytest.mark.parametrize("kind, extra", [("cnn", []), ("bnn", ["--samples", "4"])])

@@ -56,6 +56,12 @@ def test_simulate_no_clean_drops_only_the_clean_stamps(tmp_path):
     with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
         assert np.array_equal(fa["images"][:], fb["images"][:])
         assert all(np.array_equal(fa["truth"][k][:], fb["truth"][k][:], equal_nan=True) for k in fa["truth"])
+    # --scene adds the noiseless scenes and changes nothing else
+    c = tmp_path / "c.h5"
+    assert run("simulate", "--n", 4, "--out", c, "--seed", 5, "--scene", *SMALL).exit_code == 0
+    assert inspect_dataset(c).has_scene and not inspect_dataset(a).has_scene
+    with h5py.File(a, "r") as fa, h5py.File(c, "r") as fc:
+        assert np.array_equal(fa["images"][:], fc["images"][:]) and np.array_equal(fa["clean"][:], fc["clean"][:])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -67,6 +73,7 @@ def test_simulate_no_clean_drops_only_the_clean_stamps(tmp_path):
     (["--n", "4", "--shard", "2", "--num-shards", "2"], "shard index"),
     (["--n", "4", "--workers", "0"], "--workers"),
     (["--n", "4", "--config", "nope.yaml"], "does not exist"),
+    (["--n", "4", "--scene", "--noiseless"], "store_scene"),
 ])
 def test_simulate_bad_input_is_one_line_exit_2_and_no_file(tmp_path, args, message):
     out = tmp_path / "x.h5"

@@ -231,3 +231,71 @@ def test_augmentation_refuses_targets_it_cannot_transform(tmp_path):
     assert augment_signs(["e2", "redshift", "mag_i", "g1"]).tolist() == [[1, -1], [1, 1], [1, 1], [-1, 1]]
     with pytest.raises(UsageError, match=r"augment: the targets \['nb0_dx'\].*data.augment: false"):
         augment_signs(["e1", "nb0_dx"])
+
+
+def _scene_file(path, n=24, bands="gri", size=16, sky=(100.0, 400.0, 900.0), scene=True, seed=0):
+    """A dataset with noiseless scenes (non-negative blobs), images = scene + Gaussian noise, and sky_level."""
+    from cosmolit.dataset import DatasetWriter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    blobs = np.exp(-(xx**2 + yy**2) / 8.0)[None, None] * rng.uniform(100, 5000, (n, len(bands), 1, 1))
+    scenes = blobs.astype(np.float32)
+    images = (scenes + rng.normal(size=scenes.shape) * np.sqrt(np.asarray(sky)[None, :, None, None] + scenes)).astype(np.float32)
+    truth = {"e1": rng.uniform(-0.5, 0.5, n), "e2": rng.uniform(-0.5, 0.5, n), "redshift": rng.uniform(0, 2, n)}
+    with DatasetWriter(path, n, bands, size, size, list(truth), attrs={"sky_level": np.asarray(sky)},
+                       scene=scene) as w:
+        w.write(0, images, truth, scene=scenes if scene else None)
+    return path, images, scenes
+
+
+def test_fresh_noise_is_new_every_epoch_around_the_scene_and_validation_keeps_the_images(tmp_path):
+    path, images, scenes = _scene_file(tmp_path / "s.h5", n=40)
+    sky = np.array([100.0, 400.0, 900.0], np.float32)[:, None, None]
+    dm = GalaxyDataModule(path, batch_size=8, val_fraction=0.2, seed=3, renoise=True, augment=False, in_memory=True)
+    dm.setup("fit")
+    epochs = []
+    for epoch in (0, 1):
+        dm.train_sampler.set_epoch(epoch)
+        rows = dm.train_index[np.asarray(list(dm.train_sampler)) % dm.train_size]
+        x = torch.cat([b[0] for b in dm.train_dataloader()]).numpy()  # (32, C, H, W), rows in sampler order
+        pulls = (x - scenes[rows]) / np.sqrt(sky + scenes[rows])
+        assert abs(pulls.std() - 1) < 0.03 and abs(pulls.mean()) < 0.03
+        assert not np.array_equal(x, images[rows])  # not the stored realisation
+        epochs.append(dict(zip(rows.tolist(), x)))
+    row = dm.train_index[0]
+    assert not np.array_equal(epochs[0][row], epochs[1][row])  # a new realisation each epoch
+    xv = torch.cat([b[0] for b in dm.val_dataloader()]).numpy()
+    assert np.array_equal(xv, images[dm.val_index])
+
+
+def test_fresh_noise_depends_only_on_seed_and_epoch(tmp_path):
+    path, _, _ = _scene_file(tmp_path / "s.h5", n=40)
+    kw = dict(targets=("e1", "e2"), batch_size=4, val_fraction=0.25, seed=7, augment=True, renoise=True)
+    ref = GalaxyDataModule(path, in_memory=True, **kw)
+    ref.setup("fit")
+    ref.train_sampler.set_epoch(2)
+    expected = _epoch(ref)
+    dm = GalaxyDataModule(path, in_memory=False, num_workers=2, **kw)
+    dm.setup("fit")
+    dm.train_sampler.set_epoch(2)
+    got = _epoch(dm)
+    assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(got, expected))
+    other = GalaxyDataModule(path, in_memory=True, **{**kw, "seed": 8})
+    other.setup("fit")
+    other.train_sampler.set_epoch(2)
+    assert not torch.equal(_epoch(other)[0][0], expected[0][0])
+
+
+def test_fresh_noise_refuses_files_and_settings_it_cannot_use(tmp_path, synthetic_small_h5):
+    with pytest.raises(UsageError, match="no 'scene' stamps.*simulate --scene"):
+        GalaxyDataModule(synthetic_small_h5, renoise=True)
+    with pytest.raises(UsageError, match="inputs: clean"):
+        GalaxyDataModule(synthetic_small_h5, renoise=True, inputs="clean")
+    path, _, _ = _scene_file(tmp_path / "s.h5")
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        del f.attrs["sky_level"]
+    with pytest.raises(UsageError, match="sky_level"):
+        GalaxyDataModule(path, renoise=True)

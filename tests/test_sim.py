@@ -108,8 +108,30 @@ def test_poisson_noise_has_sky_plus_source_variance():
     assert abs(pulls.std() - 1) < 0.05 and abs(pulls.mean()) < 0.05
 
 
+def test_scene_is_the_image_before_noise_and_the_sky_level_is_stored(tmp_path):
+    import h5py
+
+    from cosmolit.dataset import inspect_dataset
+    from cosmolit.sim.survey import band_surveys
+
+    cfg = small(**{"blend.fraction": 0.5, "noise.visits": 10, "store_scene": True})
+    path = simulate_to_file(cfg, tmp_path / "s.h5", n=16, seed=4, progress=False)
+    assert inspect_dataset(path).has_scene
+    with h5py.File(path, "r") as f:
+        images, clean, scene = f["images"][:], f["clean"][:], f["scene"][:]
+        blend = f["truth/is_blend"][:].astype(bool)
+        sky = f.attrs["sky_level"]
+    np.testing.assert_allclose(sky, [b.sky_level for b in band_surveys(cfg)])
+    assert 0 < blend.sum() < len(blend)
+    assert np.array_equal(scene[~blend], clean[~blend])  # an isolated galaxy's scene is the galaxy
+    extra = (scene - clean)[blend]  # the neighbours' light
+    assert extra.min() > -1e-3 * scene.max() and np.all(extra.sum((1, 2, 3)) > 0)
+    pulls = (images - scene) / np.sqrt(sky[None, :, None, None] + np.clip(scene, 0, None))
+    assert abs(pulls.std() - 1) < 0.05 and abs(pulls.mean()) < 0.05
+
+
 def test_same_bytes_whatever_workers_and_for_shards_then_merge(tmp_path):
-    cfg = small(**{"blend.fraction": 0.5})
+    cfg = small(**{"blend.fraction": 0.5, "store_scene": True})
     one = simulate_to_file(cfg, tmp_path / "one.h5", n=40, seed=9, workers=1, progress=False)
     two = simulate_to_file(cfg, tmp_path / "two.h5", n=40, seed=9, workers=2, progress=False)
     assert digest(one) == digest(two)
@@ -161,6 +183,7 @@ def test_interrupted_run_leaves_no_file(tmp_path, monkeypatch):
     ({"blend.fraction": 1.5}, r"\[0, 1\]"),
     ({"blend.max_neighbors": 0}, "at least 1"),
     ({"noise.mode": "gauss"}, "poisson"),
+    ({"noise.mode": "none", "store_scene": True}, "store_scene"),
 ])
 def test_bad_config_values_are_usage_errors(over, message):
     with pytest.raises(UsageError, match=message):

@@ -75,6 +75,8 @@ def evaluate_cmd(
     n_generate: int = typer.Option(1000, "--n-generate", help="VAE: galaxies generated for the comparison "
                                    "(as many simulated stamps are compared and reconstructed)."),
     no_hsm: bool = typer.Option(False, "--no-hsm", help="Skip the GalSim HSM baseline."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="CNN, BNN: evaluate the first N stamps only "
+                                        "(default: all). For a VAE, --n-generate sets the number."),
     accelerator: str = typer.Option("auto", "--accelerator", "-a", help="auto, cpu or gpu (inference)."),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing metrics.json."),
@@ -88,6 +90,7 @@ def evaluate_cmd(
     _positive(batch_size, "--batch-size")
     _positive(samples, "--samples")
     _positive(n_generate, "--n-generate")
+    _positive(limit, "--limit")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {str(out)!r} is a file; give a folder for --out")
     if (out / "metrics.json").exists() and not force:
@@ -97,6 +100,9 @@ def evaluate_cmd(
     targets = list(net.hparams.get("targets", []) or [])
     info = inspect_dataset(data, require_truth=targets)
     net.check_compatible(info)
+    if limit is not None and kind == "vae":
+        raise UsageError("--limit applies to CNN and BNN checkpoints; for a VAE, --n-generate sets how many stamps are compared")
+    n = info.n if limit is None else min(limit, info.n)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -118,14 +124,14 @@ def evaluate_cmd(
             from cosmolit.measure.report import evaluate_shapes
 
             preds = predict_shapes(net, kind, data, batch_size=batch_size, samples=samples, device=device,
-                                   progress=progress)
-            truth = read_truth(data)
+                                   progress=progress, limit=n)
+            truth = {k: v[:n] for k, v in read_truth(data).items()}
             import numpy as np
 
             y = np.stack([truth[t] for t in targets], axis=1).astype(np.float64)
             metrics = evaluate_shapes(
                 out, y, preds["mean"], preds["cov"], targets, truth,
-                (lambda: iter_images(data, 256)) if not no_hsm else None, info, kind,
+                (lambda: iter_images(data, 256, limit=n)) if not no_hsm else None, info, kind,
                 epistemic_cov=preds.get("epistemic_cov"), hsm=not no_hsm, progress=progress,
                 response=net.target_transform.responses(), sigma_scale=net.target_transform.sigma_scales(),
                 calibration_source=(checkpoint.get("cosmolit") or {}).get("calibration"),
@@ -136,7 +142,7 @@ def evaluate_cmd(
 
             shutil.rmtree(out, ignore_errors=True)
         raise
-    typer.echo(f"evaluated {kind} checkpoint {ckpt} on {data} ({info.n} stamps)")
+    typer.echo(f"evaluated {kind} checkpoint {ckpt} on {data} ({n if kind != 'vae' else len(real)} of {info.n} stamps)")
     for key in ("e1", "e2"):
         if isinstance(metrics.get(key), dict):
             m = metrics[key]

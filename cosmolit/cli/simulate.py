@@ -22,6 +22,8 @@ def simulate_cmd(
     noiseless: bool = typer.Option(False, "--noiseless", help="No noise (noise.mode: none)."),
     no_clean: bool = typer.Option(False, "--no-clean", help="Do not store the noiseless stamps (half the file; "
                                   "the VAE's denoising target, not needed by the shape networks)."),
+    scene: bool = typer.Option(False, "--scene", help="Also store the noiseless scene, target + neighbours "
+                               "(doubles the file): training can then draw fresh noise every epoch (data.renoise)."),
     catalog: Optional[Path] = typer.Option(None, "--catalog", help="CatSim FITS catalog instead of the embedded population."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML preset, e.g. configs/simulate/blends.yaml."),
     stamp_size: Optional[int] = typer.Option(None, "--stamp-size", help="Stamp side in pixels (multiple of 16)."),
@@ -49,6 +51,7 @@ def simulate_cmd(
         "stamp_size": stamp_size,
         "bands": bands,
         "store_clean": False if no_clean else None,
+        "store_scene": True if scene else None,
     })
     path = simulate_to_file(cfg, out, n=n, seed=seed, workers=workers, shard=shard, num_shards=num_shards,
                             force=force, progress=not quiet)

@@ -66,6 +66,7 @@ STD_EPS = 1e-4  # added to the softplus std of q(z|x)
 LOG_SIGMA_MIN = -7.0  # floor of the learned log sigma (asinh units)
 FLOW_LATENTS = ("sample", "mean")
 RECON_SIGMAS = ("optimal", "stamp", "learned")  # or a positive number; None (older checkpoints) = learned
+FITTED_SIGMAS = ("optimal", "stamp")  # computed from each batch's residual, not stored in the module
 CPU_CHUNK = 32  # latents decoded at once by `generate` on CPU
 VAE_INPUTS = ("noisy", "clean")  # what the encoder sees in training (see the module docstring)
 
@@ -189,7 +190,7 @@ class GalaxyVAE(CosmolitModule):
         self.recon_sigma = "learned" if recon_sigma is None else recon_sigma
         if self.recon_sigma == "learned":  # one per band
             self.log_sigma = nn.Parameter(torch.zeros(n_bands))
-        elif self.recon_sigma not in ("optimal", "stamp"):
+        elif self.recon_sigma not in FITTED_SIGMAS:
             self.register_buffer("log_sigma", torch.full((n_bands,), math.log(float(recon_sigma))))
         # Generation: the flow works on standardised latents (z - latent_loc) / latent_scale.
         self.flow = LatentFlow(latent_dim, int(flow_layers), tuple(flow_hidden))
@@ -232,7 +233,7 @@ class GalaxyVAE(CosmolitModule):
         z = mu + sigma * torch.randn_like(mu)  # reparameterised draw, (B, L)
         pred = self.decoder(z)  # (B, C, H, W), normalised space
         target = self.normalise(target)
-        if self.recon_sigma in ("optimal", "stamp"):
+        if self.recon_sigma in FITTED_SIGMAS:
             log_sigma = optimal_log_sigma(target, pred, per_stamp=self.recon_sigma == "stamp")  # (C,) or (B, C)
         else:
             log_sigma = self.log_sigma.clamp(min=LOG_SIGMA_MIN)

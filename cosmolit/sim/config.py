@@ -107,6 +107,7 @@ class SimulationConfig:
     blend: BlendConfig = field(default_factory=BlendConfig)
     catalog: Optional[str] = None  # CatSim FITS file; None: the embedded population
     store_clean: bool = True  # store the noiseless isolated target as `clean`
+    store_scene: bool = False  # store the noiseless scene (target + neighbours) as `scene`: fresh noise in training
 
     def __post_init__(self):
         bad = [b for b in self.bands if b not in LSST_BANDS]
@@ -119,6 +120,9 @@ class SimulationConfig:
             raise UsageError(f"stamp size must be a positive multiple of 16, got {self.stamp_size}")
         if self.pixel_scale <= 0:
             raise UsageError(f"pixel scale must be positive [arcsec], got {self.pixel_scale}")
+        if self.store_scene and self.noise.mode == "none":
+            raise UsageError("store_scene keeps the noiseless scene to draw fresh noise from, but noise.mode is "
+                             "'none' (the images are the scene already); use noise.mode: poisson or store_scene: false")
 
     def to_yaml(self) -> str:
         return dump_yaml(self)

@@ -110,8 +110,11 @@ class StampDrawer:
         )
         return img.array
 
-    def draw(self, seed: int, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
-        """Stamp `index` of the run with `seed`: (image (B, H, W), clean (B, H, W), truth row dict)."""
+    def draw(self, seed: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Stamp `index` of the run with `seed`: (image, clean, scene, truth row dict), the stamps (B, H, W).
+
+        clean is the noiseless isolated target, scene the noiseless target + neighbours (the image
+        before noise; equal to clean for an isolated galaxy)."""
         galsim = self.galsim
         np_seq, gs_seed = stamp_seeds(seed, index)
         rng = np.random.default_rng(np_seq)
@@ -119,6 +122,7 @@ class StampDrawer:
         nb_count = len(self.bands)
         clean = np.empty((nb_count, self.size, self.size), np.float32)  # (B, H, W)
         image = np.empty_like(clean)
+        scenes = np.empty_like(clean)
         deviate = galsim.BaseDeviate(gs_seed)
         ref_all = None
         for b in range(nb_count):
@@ -128,6 +132,7 @@ class StampDrawer:
                 profs = [p for p in (self._profile(g, b, dx, dy) for g, dx, dy in neighbours) if p is not None]
                 if profs:
                     scene += self._draw(profs[0] if len(profs) == 1 else galsim.Add(profs), b)
+            scenes[b] = scene
             if b == self.ref:
                 ref_all = scene.copy()
             if self.cfg.noise.mode == "poisson":
@@ -135,7 +140,7 @@ class StampDrawer:
                 im.addNoise(galsim.PoissonNoise(deviate, sky_level=float(self.sky[b])))
                 scene = im.array
             image[b] = scene
-        return image, clean, self._truth(target, neighbours, clean[self.ref], ref_all)
+        return image, clean, scenes, self._truth(target, neighbours, clean[self.ref], ref_all)
 
     def _truth(self, target: Galaxy, neighbours, ref_clean: np.ndarray, ref_all: np.ndarray) -> dict:
         e1, e2 = target.truth_shape()

@@ -35,17 +35,18 @@ def _drawer(config_yaml: str, psf: bool = True):
 
 
 def _draw_range(args: tuple) -> tuple[int, np.ndarray, np.ndarray, dict]:
-    """Worker job: stamps [start, stop) -> (start, images (b, B, H, W), clean (b, B, H, W), truth columns)."""
+    """Worker job: stamps [start, stop) -> (start, images, clean, scene, truth columns), stamps (b, B, H, W)."""
     config_yaml, seed, start, stop, psf = args
     d = _drawer(config_yaml, psf)
-    images, cleans, rows = [], [], []
+    images, cleans, scenes, rows = [], [], [], []
     for index in range(start, stop):
-        image, clean, truth = d.draw(seed, index)
+        image, clean, scene, truth = d.draw(seed, index)
         images.append(image)
         cleans.append(clean)
+        scenes.append(scene)
         rows.append(truth)
     truth = {k: np.array([r[k] for r in rows]) for k in rows[0]}
-    return start, np.stack(images), np.stack(cleans), truth
+    return start, np.stack(images), np.stack(cleans), np.stack(scenes), truth
 
 
 def _worker_init() -> None:
@@ -67,7 +68,7 @@ def draw_stamps(config: SimulationConfig, n: int, seed: int, start: int = 0, psf
     `psf=False` (for tests) draws the galaxies without PSF. Same values as simulate_to_file.
     """
     _check_run(n, seed, 1)
-    _, images, clean, truth = _draw_range((config.to_yaml(), seed, start, start + n, psf))
+    _, images, clean, _, truth = _draw_range((config.to_yaml(), seed, start, start + n, psf))
     return images, clean, truth
 
 
@@ -109,9 +110,11 @@ def _run_units(jobs: list[tuple], workers: int) -> Iterator[tuple]:
 def _file_attrs(config: SimulationConfig, seed: int, n_total: int, shard: int, num_shards: int, lo: int) -> dict:
     from cosmolit.sim.survey import band_surveys
 
+    surveys = band_surveys(config)
     return {
         "pixel_scale": float(config.pixel_scale),
-        "psf_fwhm": np.array([b.psf_fwhm for b in band_surveys(config)]),
+        "psf_fwhm": np.array([b.psf_fwhm for b in surveys]),
+        "sky_level": np.array([b.sky_level for b in surveys]),
         "seed": int(seed),
         "config": config.to_yaml(),
         "generator": "cosmolit.sim",
@@ -164,10 +167,11 @@ def simulate_to_file(
     size = config.stamp_size
     with DatasetWriter(out, hi - lo, config.bands, size, size, names,
                        attrs=_file_attrs(config, seed, n, shard, num_shards, lo),
-                       clean=config.store_clean, truth_dtypes=dtypes) as writer, \
+                       clean=config.store_clean, scene=config.store_scene, truth_dtypes=dtypes) as writer, \
             progress_bar(hi - lo, "simulating", enabled=progress) as advance:
-        for start, images, clean, truth in _run_units(jobs, workers):
-            writer.write(start - lo, images, truth, clean if config.store_clean else None)
+        for start, images, clean, scene, truth in _run_units(jobs, workers):
+            writer.write(start - lo, images, truth, clean if config.store_clean else None,
+                         scene=scene if config.store_scene else None)
             advance(len(images))
     return out
 
@@ -197,7 +201,8 @@ def merge_files(out: str | Path, shards: Sequence[str | Path], force: bool = Fal
         a = info.attrs
         same = (info.config == first.config and info.seed == first.seed and info.bands == first.bands
                 and info.stamp == first.stamp and int(a["num_shards"]) == num and int(a["n_total"]) == n_total
-                and info.truth_names == first.truth_names and info.has_clean == first.has_clean)
+                and info.truth_names == first.truth_names and info.has_clean == first.has_clean
+                and info.has_scene == first.has_scene)
         if not same:
             raise UsageError(
                 f"shard {str(path)!r} is not from the same run as {str(metas[0][1])!r} "
@@ -225,7 +230,7 @@ def merge_files(out: str | Path, shards: Sequence[str | Path], force: bool = Fal
     try:
         with DatasetWriter(out, n_total, first.bands, first.height, first.width, names,
                            attrs=_file_attrs(config, first.seed, n_total, 0, 1, 0),
-                           clean=first.has_clean, truth_dtypes=dtypes) as writer, \
+                           clean=first.has_clean, scene=first.has_scene, truth_dtypes=dtypes) as writer, \
                 progress_bar(n_total, "merging", enabled=progress) as advance:
             for i in range(num):
                 lo, hi = shard_range(n_total, i, num)
@@ -233,7 +238,8 @@ def merge_files(out: str | Path, shards: Sequence[str | Path], force: bool = Fal
                 for a, b in _units(lo, hi):  # the same global blocks as a single run writes
                     sl = slice(a - lo, b - lo)
                     writer.write(a, f["images"][sl], {k: f["truth"][k][sl] for k in names},
-                                 f["clean"][sl] if first.has_clean else None)
+                                 f["clean"][sl] if first.has_clean else None,
+                                 scene=f["scene"][sl] if first.has_scene else None)
                     advance(b - a)
     finally:
         for f in handles.values():
