@@ -49,5 +49,6 @@ def quickstart(
     typer.echo(f"  model checkpoint {result.checkpoint}")
     typer.echo("[4/4] evaluating on the test set, with GalSim HSM REGAUSS and KSB on the same stamps")
     evaluate_cmd(ckpt=result.checkpoint, data=test, out=out / "eval", model="cnn", samples=None,
-                 batch_size=64, n_generate=1000, no_hsm=False, accelerator="cpu", seed=seed, force=True, quiet=False)
+                 batch_size=64, n_generate=1000, no_hsm=False, limit=None, accelerator="cpu", seed=seed, force=True,
+                 quiet=False)
     typer.echo(f"done: open {out / 'eval' / 'report.md'}")
