@@ -60,6 +60,7 @@ def test_simulate_no_clean_drops_only_the_clean_stamps(tmp_path):
     c = tmp_path / "c.h5"
     assert run("simulate", "--n", 4, "--out", c, "--seed", 5, "--scene", *SMALL).exit_code == 0
     assert inspect_dataset(c).has_scene and not inspect_dataset(a).has_scene
+    assert "noiseless scene yes" in run("info", c).output and "noiseless scene no" in run("info", a).output
     with h5py.File(a, "r") as fa, h5py.File(c, "r") as fc:
         assert np.array_equal(fa["images"][:], fc["images"][:]) and np.array_equal(fa["clean"][:], fc["clean"][:])
 

@@ -28,6 +28,7 @@ def info(path: Path = typer.Argument(..., help="A dataset (.h5) or a checkpoint 
     typer.echo(f"pixel scale     {d.pixel_scale} arcsec")
     typer.echo(f"PSF FWHM        {', '.join(f'{x:.3g}' for x in d.psf_fwhm)} arcsec")
     typer.echo(f"clean targets   {'yes' if d.has_clean else 'no'}")
+    typer.echo(f"noiseless scene {'yes (data.renoise can draw fresh noise)' if d.has_scene else 'no'}")
     typer.echo(f"truth columns   {', '.join(d.truth_names) or 'none'}")
     typer.echo(f"seed            {d.seed}")
     typer.echo(f"format version  {d.format_version}")
