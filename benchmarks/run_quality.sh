@@ -39,14 +39,14 @@ $C evaluate --ckpt bnn_iso/model-cal2k.ckpt --data iso_test500.h5 --samples 32 -
 $C evaluate --ckpt bnn_iso/model-cal2k.ckpt --data mixed_test500.h5 --samples 32 --no-hsm --out eval_bnn_cal2k_mixed --force -q
 $C evaluate --ckpt bnn_iso/model-cal2k.ckpt --data iso_test2k.h5 --samples 32 --out eval_bnn_cal2k_iso2k --force -q  # 30 min
 
-sim blend_train30k.h5 --n 30000 --seed 510 --config "$CFG/simulate/blends.yaml" --no-clean
+sim blend_train30k_scene.h5 --n 30000 --seed 510 --config "$CFG/simulate/blends.yaml" --no-clean --scene
 sim blend_test.h5 --n 2000 --seed 600 --config "$CFG/simulate/blends.yaml" --no-clean
-step "fit cnn (blends)"  # 24,000 + 6,000 blends, cosine schedule, 10 epochs (35 min)
-$C fit --model cnn --data blend_train30k.h5 --config "$CFG/cnn_blends.yaml" --accelerator cpu --out cnn_blend30k --force -q
-$C evaluate --ckpt cnn_blend30k/model.ckpt --data blend_test.h5 --out eval_cnn_blend30k --force -q
-step "resume cnn (blends) to 30 epochs"  # the cosine rate restarts from 0.76e-3 (1 h 40 min)
-$C fit --model cnn --data blend_train30k.h5 --config "$CFG/cnn_blends.yaml" --epochs 30 --accelerator cpu --out cnn_blend30k --resume -q
-$C evaluate --ckpt cnn_blend30k/model.ckpt --data blend_test.h5 --out eval_cnn_blend30k_e30 --force -q
+step "fit cnn (blends)"  # 24,000 + 6,000 blends, cosine schedule, fresh noise, 24 epochs (55 min)
+$C fit --model cnn --data blend_train30k_scene.h5 --config "$CFG/cnn_blends.yaml" --accelerator cpu --out cnn_blend_renoise --force -q
+$C evaluate --ckpt cnn_blend_renoise/model.ckpt --data blend_test.h5 --out eval_cnn_blend_renoise --force -q
+step "resume cnn (blends) to 40 epochs"  # the cosine rate restarts from 0.29e-3 (38 min)
+$C fit --model cnn --data blend_train30k_scene.h5 --config "$CFG/cnn_blends.yaml" --epochs 40 --accelerator cpu --out cnn_blend_renoise --resume -q
+$C evaluate --ckpt cnn_blend_renoise/model.ckpt --data blend_test.h5 --out eval_cnn_blend_renoise_e40 --force -q
 
 step "fit vae"  # 20 epochs along the preset's cosine schedule, then resumed to 30 (the schedule re-read)
 $C fit --model vae --data iso_train.h5 --config "$CFG/vae.yaml" --epochs 20 --accelerator cpu --out vae_iso --force -q
