@@ -124,6 +124,11 @@ def apply_symmetry(stamp: np.ndarray, g: int) -> np.ndarray:
     return stamp
 
 
+def items_per_epoch(n: int, augment: bool) -> int:
+    """How many distinct items an EpochShuffleSampler encodes per epoch: one per (stamp, symmetry)."""
+    return n * (AUGMENT_GROUP if augment else 1)
+
+
 class EpochShuffleSampler:
     """Training order that depends only on (seed, epoch), and can skip the batches already done.
 
@@ -154,7 +159,7 @@ class EpochShuffleSampler:
         if self.augment:
             order = order * AUGMENT_GROUP + rng.integers(0, AUGMENT_GROUP, self.n)
         if self.with_epoch:
-            order = order + self.epoch * self.n * (AUGMENT_GROUP if self.augment else 1)
+            order = order + self.epoch * items_per_epoch(self.n, self.augment)
         skip, self.skip = self.skip, 0
         return iter(order[skip:].tolist())
 
@@ -203,7 +208,7 @@ class _Stamps(Dataset):
         pos = np.asarray(items, dtype=np.int64)
         sym = epoch = None
         if self.noise is not None:
-            epoch, pos = np.divmod(pos, len(self.index) * (AUGMENT_GROUP if self.signs is not None else 1))
+            epoch, pos = np.divmod(pos, items_per_epoch(len(self.index), self.signs is not None))
         if self.signs is not None:
             pos, sym = np.divmod(pos, AUGMENT_GROUP)
         rows = self.index[pos]
