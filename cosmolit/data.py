@@ -26,8 +26,10 @@ Targets: `target_stats` gives the mean and standard deviation of each truth colu
 training split; the shape networks standardise their targets with them. The same seed gives the same batches whatever
 `num_workers` and whether the images are held in memory or streamed from the file.
 
-Memory: in_memory=None loads the images when they take at most a quarter of the available RAM,
+Memory: in_memory=None loads the stamps when they take at most a quarter of the available RAM,
 else streams them from HDF5 (one file handle per worker process; a batch is read in one call).
+With renoise, only the rows that are read are held: the training split's scenes, and the
+validation split's images (with the training images the normalisation samples).
 
 Normalisation (per band, from training stamps only): scale_b = 1.4826 x MAD of the pixel values
 of up to 2000 evenly spaced training stamps (a robust estimate of the noise sigma); for noiseless
@@ -167,8 +169,8 @@ class EpochShuffleSampler:
 class _Stamps(Dataset):
     """Stamps `index` (file rows, sorted) of a dataset file, as (x, target) pairs of float32 tensors.
 
-    arrays: {"images": ndarray (n_file, C, H, W), "clean": ...} already in memory, or None to
-    read from `path` lazily. targets: (len(index), T) float32, or None to return the clean
+    arrays: {"images": ndarray (n_file, C, H, W) or a _RowSubset, "clean": ...} already in memory,
+    or None to read from `path` lazily. targets: (len(index), T) float32, or None to return the clean
     stamps (or the images themselves when clean is False). signs: (T, 2) from `augment_signs`
     to take items encoded by an augmenting EpochShuffleSampler (None: plain positions).
     noise: (sky_level (C,), seed) to add fresh noise to the inputs (the `scene` stamps), items
@@ -246,6 +248,16 @@ class _Stamps(Dataset):
             z = np.random.default_rng([seed, epoch, row, NOISE_STREAM]).standard_normal(scene.shape[1:], dtype=np.float32)
             out[k] = scene[k] + z * np.sqrt(sky + np.maximum(scene[k], 0.0))
         return out
+
+
+class _RowSubset:
+    """Some rows of a file's stamp array held in memory, indexed by file row like the full array."""
+
+    def __init__(self, rows: np.ndarray, array: np.ndarray):
+        self.rows, self.array = rows, array  # rows sorted and distinct; array (len(rows), C, H, W)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.array[np.searchsorted(self.rows, rows)]
 
 
 class GalaxyDataModule(pl.LightningDataModule):
@@ -365,25 +377,43 @@ class GalaxyDataModule(pl.LightningDataModule):
                 "psf_fwhm": [float(x) for x in self._info.psf_fwhm]}
 
     # ------------------------------------------------------------------ setup
-    def _use_memory(self) -> bool:
+    def _use_memory(self, rows: dict) -> bool:
         if self.in_memory is not None:
             return bool(self.in_memory)
         c, h, w = len(self._info.bands), self._info.height, self._info.width
-        need = self.n * c * h * w * 4 * len(self._stamp_names())
+        need = sum(self.n if r is None else len(r) for r in rows.values()) * c * h * w * 4
         return need <= RAM_FRACTION * available_memory()
 
-    def _scan(self, names: list[str], keep: bool) -> dict:
-        """Read the first n stamps chunk by chunk: refuse NaN / Inf, return the arrays when `keep`."""
+    def _held_rows(self) -> dict:
+        """{stamp array: the sorted file rows that training and validation read from it, or None for
+        all n}. Only with renoise is that a part: the scenes of the training split, and the images of
+        the validation split plus the training images that set the normalisation."""
+        rows: dict = {name: None for name in self._stamp_names()}
+        if self.renoise:
+            rows["scene"] = self.train_index
+            rows["images"] = np.union1d(self.val_index, self._normalisation_rows())
+        return rows
+
+    def _normalisation_rows(self) -> np.ndarray:
+        """Sorted file rows of the training stamps the normalisation is measured on."""
+        h, w = self._info.height, self._info.width
+        k = max(1, min(NORM_STAMPS, self.train_size, NORM_PIXELS // (h * w)))
+        return np.unique(self.train_index[np.linspace(0, self.train_size - 1, k).round().astype(np.int64)])
+
+    def _scan(self, rows: dict, keep: bool) -> dict:
+        """Read the first n stamps of each array in `rows` (see _held_rows) chunk by chunk: refuse
+        NaN / Inf, and when `keep`, return {name: the array, or a _RowSubset of the rows named}."""
         import h5py
 
         from cosmolit.progress import progress_bar
 
         out = {}
-        with h5py.File(self.path, "r") as f, progress_bar(self.n * len(names), "checking stamps",
+        with h5py.File(self.path, "r") as f, progress_bar(self.n * len(rows), "checking stamps",
                                                           enabled=self.n > 20 * CHUNK) as advance:
-            for name in names:
+            for name, held in rows.items():
                 ds = f[name]
-                arr = np.empty((self.n,) + tuple(ds.shape[1:]), dtype=np.float32) if keep else None
+                n_held = self.n if held is None else len(held)
+                arr = np.empty((n_held,) + tuple(ds.shape[1:]), dtype=np.float32) if keep else None
                 for start in range(0, self.n, CHUNK):
                     stop = min(start + CHUNK, self.n)
                     block = np.asarray(ds[start:stop], dtype=np.float32)  # (b, C, H, W)
@@ -396,17 +426,18 @@ class GalaxyDataModule(pl.LightningDataModule):
                             f"the first at stamp {start + int(where[0])} band {int(where[1])} pixel "
                             f"({int(where[2])}, {int(where[3])}); clean or drop those stamps first"
                         )
-                    if keep:
+                    if keep and held is None:
                         arr[start:stop] = block
+                    elif keep:
+                        lo, hi = np.searchsorted(held, [start, stop])
+                        arr[lo:hi] = block[held[lo:hi] - start]
                     advance(stop - start)
                 if keep:
-                    out[name] = arr
+                    out[name] = arr if held is None else _RowSubset(held, arr)
         return out
 
     def _compute_normalisation(self, arrays: Optional[dict]) -> list[float]:
-        c, h, w = len(self._info.bands), self._info.height, self._info.width
-        k = max(1, min(NORM_STAMPS, self.train_size, NORM_PIXELS // (h * w)))
-        pick = np.unique(self.train_index[np.linspace(0, self.train_size - 1, k).round().astype(np.int64)])
+        pick = self._normalisation_rows()
         # always the noisy images, also when the network sees the clean stamps: their noise sets the
         # scale of the asinh stretch (noiseless stamps have no noise floor, their MAD is 0)
         if arrays is not None and "images" in arrays:
@@ -416,7 +447,7 @@ class GalaxyDataModule(pl.LightningDataModule):
 
             with h5py.File(self.path, "r") as f:
                 sample = np.asarray(f["images"][pick], dtype=np.float32)  # (k, C, H, W)
-        return [band_scale(sample[:, b].ravel()) for b in range(c)]
+        return [band_scale(sample[:, b].ravel()) for b in range(len(self._info.bands))]
 
     def _clean_targets(self) -> bool:
         """Whether the clean stamps are read beside the inputs (with clean inputs the target is x itself)."""
@@ -430,9 +461,9 @@ class GalaxyDataModule(pl.LightningDataModule):
         if self._train is not None:
             return
         clean = self._clean_targets()
-        names = self._stamp_names()
-        keep = self._use_memory()
-        arrays = self._scan(names, keep)
+        rows = self._held_rows()
+        keep = self._use_memory(rows)
+        arrays = self._scan(rows, keep)
         self._normalisation = self._compute_normalisation(arrays if keep else None)
         truth = None
         if self.targets:

@@ -317,7 +317,7 @@ def fit(
     final = out / "model.ckpt"
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {str(out)!r} is a file; give a folder for --out")
-    resume_state = None
+    resume_state, resumed_hparams = None, {}
     if resume:
         if not last.exists():
             raise UsageError(f"--resume: no checkpoint {str(last)!r} to resume from")
@@ -330,6 +330,7 @@ def fit(
         if previous_kind != kind:
             raise UsageError(f"--resume: {str(last)!r} holds a {previous_kind} model, not a {kind} model")
         resume_state = dict(previous.get("cosmolit") or {})
+        resumed_hparams = dict(previous.get("hyper_parameters") or {})
         del previous
     elif out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"output folder {str(out)!r} is not empty; pass --resume to continue or --force to overwrite")
@@ -384,6 +385,7 @@ def fit(
         train_size=dm.train_size,
         target_stats=None if is_vae else dm.target_stats,
     )
+    new_data = bool(resumed_hparams) and _keep_resumed_scales(model_kwargs, resumed_hparams, info, echo)
     model = cls(**_accepted_kwargs(cls, model_kwargs))
     if cfg.trainer.compile:
         on_ipu_ = trainer_opts.get("accelerator") == "ipu"
@@ -416,6 +418,8 @@ def fit(
         resume_state["batches_in_epoch"] = done if 0 < done < per_epoch else 0
     run_state = _run_state_callback(last, cfg.trainer.checkpoint_every_n_steps, restore=resume_state)
     callbacks = [checkpoint_cb, _provenance_callback(kind, cfg.trainer.seed, config_yaml), run_state]
+    if new_data:
+        callbacks.append(_forget_best_callback(checkpoint_cb))
     if cfg.trainer.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, patience=cfg.trainer.early_stopping_patience))
     if getattr(model_cfg, "lr_schedule", "constant") != "constant":  # the learning rate of each epoch, in metrics.csv
@@ -476,6 +480,47 @@ def fit(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     return FitResult(out=out, checkpoint=final, best=best, last=last, logs=out / "logs",
                      metrics=metrics, accelerator=trainer_opts.get("accelerator", "?"))
+
+
+def _keep_resumed_scales(model_kwargs: dict, previous: dict, info, echo) -> bool:
+    """A resumed run continues the checkpoint's network, so it keeps the input normalisation and
+    target statistics that network was trained with, whatever --data now holds (the same file gives
+    the same values; another one, such as new stamps for more training, would give slightly others).
+    Another band set or stamp size cannot continue those weights: one line, UsageError. Returns
+    whether the run resumes on another dataset than the checkpoint's."""
+    bands, stamp = previous.get("bands"), previous.get("stamp")
+    if bands is not None and (str(bands) != info.bands or int(stamp) != info.height):
+        raise UsageError(f"--resume: the checkpoint was trained on bands {bands!r} and {stamp}x{stamp} stamps, "
+                         f"but {info.path!r} has bands {info.bands!r} and {info.height}x{info.width} stamps")
+    for key in ("normalisation", "target_stats"):
+        if previous.get(key) is not None:
+            model_kwargs[key] = previous[key]
+    before = (previous.get("provenance") or {}).get("path")
+    now = model_kwargs.get("provenance", {}).get("path")
+    if before and now and before != now:
+        echo(f"resuming on {now} (the checkpoint trained on {before}); keeping the checkpoint's input "
+             "normalisation and target statistics; best.ckpt restarts with this dataset's validation")
+        return True
+    return False
+
+
+def _forget_best_callback(checkpoint_cb):
+    """A Callback for a run resumed on another dataset: the restored best validation score was
+    measured on other stamps, so the first epoch on the new ones replaces best.ckpt in place and
+    later ones compete with it. (Without a restored state, or with a copied output folder whose
+    state names the old folder, ModelCheckpoint would write best-v1.ckpt beside the old best.)"""
+    import pytorch_lightning as pl
+    import torch
+
+    class ForgetBest(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # after Lightning restored the callbacks' state
+            cb, worst = checkpoint_cb, torch.tensor(float("inf"))
+            path = cb.format_checkpoint_name({})  # OUT/checkpoints/best.ckpt
+            cb.best_k_models = {path: worst}
+            cb.best_model_path = cb.kth_best_model_path = path
+            cb.best_model_score = cb.kth_value = worst
+
+    return ForgetBest()
 
 
 def _trainer_options(cfg: FitConfig, echo) -> dict:

@@ -287,6 +287,33 @@ def test_fresh_noise_depends_only_on_seed_and_epoch(tmp_path):
     assert not torch.equal(_epoch(other)[0][0], expected[0][0])
 
 
+def test_fresh_noise_holds_only_the_rows_it_reads(tmp_path, monkeypatch):
+    """With renoise, memory holds the training scenes and the validation images (plus the training
+    images of the normalisation), not both arrays whole; in_memory=None counts only those."""
+    import cosmolit.data as data
+
+    path, images, scenes = _scene_file(tmp_path / "s.h5", n=40)
+    monkeypatch.setattr(data, "NORM_STAMPS", 4)
+    stamp_bytes = 3 * 16 * 16 * 4
+    # room for 50 stamps: the 32 training scenes + 8 validation and 4 normalisation images (44),
+    # not the 80 of both arrays whole
+    monkeypatch.setattr(data, "available_memory", lambda: int(50 * stamp_bytes / data.RAM_FRACTION))
+    dm = GalaxyDataModule(path, batch_size=8, val_fraction=0.2, seed=3, renoise=True, in_memory=None)
+    dm.setup("fit")
+    assert dm.loaded_in_memory
+    held = dm._train.arrays
+    assert np.array_equal(held["scene"].rows, dm.train_index)
+    assert len(held["images"].rows) == 12 and set(dm.val_index) <= set(held["images"].rows)
+    assert np.array_equal(held["scene"][dm.train_index[[3, 5]]], scenes[dm.train_index[[3, 5]]])
+    assert np.array_equal(torch.cat([b[0] for b in dm.val_dataloader()]).numpy(), images[dm.val_index])
+    streamed = GalaxyDataModule(path, batch_size=8, val_fraction=0.2, seed=3, renoise=True, in_memory=False)
+    assert streamed.normalisation == dm.normalisation
+    monkeypatch.setattr(data, "available_memory", lambda: int(40 * stamp_bytes / data.RAM_FRACTION))
+    small = GalaxyDataModule(path, batch_size=8, val_fraction=0.2, seed=3, renoise=True, in_memory=None)
+    small.setup("fit")
+    assert not small.loaded_in_memory
+
+
 def test_fresh_noise_refuses_files_and_settings_it_cannot_use(tmp_path, synthetic_small_h5):
     with pytest.raises(UsageError, match="no 'scene' stamps.*simulate --scene"):
         GalaxyDataModule(synthetic_small_h5, renoise=True)

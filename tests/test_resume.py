@@ -177,3 +177,50 @@ def test_simulate_killed_leaves_nothing_and_rerun_gives_the_same_bytes(tmp_path)
     subprocess.run([*cmd, "--out", str(killed)], check=True)
     subprocess.run([*cmd, "--out", str(clean)], check=True)
     assert killed.read_bytes() == clean.read_bytes()
+
+
+def test_resume_on_new_stamps_keeps_the_checkpoints_scales(tmp_path, config, synthetic_small_h5):
+    """--resume with another --data continues training on those stamps with the normalisation and
+    target statistics the checkpoint's weights were trained with; another band set is refused."""
+    from cosmolit.synthetic import write_synthetic_dataset
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(app, _fit_args(synthetic_small_h5, out, config, ["--epochs", "1"]))
+    assert res.exit_code == 0, res.output
+    first_ckpt = read_checkpoint(out / "model.ckpt")
+    first = first_ckpt["hyper_parameters"]
+
+    other = write_synthetic_dataset(tmp_path / "other.h5", n=48, bands="gri", size=32, seed=11)
+    alone = tmp_path / "alone"  # what that file alone would give
+    res = runner.invoke(app, _fit_args(other, alone, config, ["--epochs", "1"]))
+    assert res.exit_code == 0, res.output
+    fresh = read_checkpoint(alone / "model.ckpt")["hyper_parameters"]
+    assert fresh["normalisation"] != first["normalisation"] and fresh["target_stats"] != first["target_stats"]
+
+    # a best score the new stamps' validation cannot beat: it was measured on other stamps
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = read_checkpoint(last)
+    (key,) = [k for k in ckpt["callbacks"] if k.startswith("ModelCheckpoint")]
+    state = ckpt["callbacks"][key]
+    state["best_model_score"] = state["kth_value"] = torch.tensor(-1e9)
+    state["best_k_models"] = {path: torch.tensor(-1e9) for path in state["best_k_models"]}
+    torch.save(ckpt, last)
+    res = runner.invoke(app, _fit_args(other, out, config, ["--resume"]))
+    assert res.exit_code == 0, res.output
+    assert "keeping the checkpoint's input normalisation" in res.output
+    # the new epoch is the best on the new validation split, replacing best.ckpt in place
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    _assert_same(_weights(out / "checkpoints" / "best.ckpt"), _weights(last))
+    resumed = read_checkpoint(out / "model.ckpt")
+    assert resumed["global_step"] == 2 * first_ckpt["global_step"] > 0  # one more epoch
+    hp = resumed["hyper_parameters"]
+    assert hp["normalisation"] == first["normalisation"] and hp["target_stats"] == first["target_stats"]
+    assert hp["provenance"]["path"] == str(other.resolve())
+
+    gr = write_synthetic_dataset(tmp_path / "gr.h5", n=48, bands="gr", size=32, seed=11)
+    before = (out / "checkpoints" / "last.ckpt").read_bytes()
+    res = runner.invoke(app, _fit_args(gr, out, config, ["--resume", "--epochs", "3"]))
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "bands 'gri'" in res.output and "'gr'" in res.output
+    assert (out / "checkpoints" / "last.ckpt").read_bytes() == before
