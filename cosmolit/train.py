@@ -255,11 +255,20 @@ class FitResult:
 LIBRARY_NOISE = r".*isinstance\(treespec, LeafSpec\).*"
 
 
+# what Lightning says when a run resumes into its own output folder, and cosmolit handles: the
+# CSV logger's "previous log files ... will be deleted" (fit merges them back) and ModelCheckpoint's
+# "directory exists and is not empty"
+RESUME_NOISE = r"(Experiment logs|Checkpoint) directory .* exists and is not empty.*"
+
+
 @contextlib.contextmanager
-def library_noise_filtered():
-    """Leave out the warnings in LIBRARY_NOISE (and nothing else) inside the block."""
+def library_noise_filtered(resume: bool = False):
+    """Leave out the warnings in LIBRARY_NOISE, and with `resume` those in RESUME_NOISE (and
+    nothing else) inside the block."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=LIBRARY_NOISE)
+        if resume:
+            warnings.filterwarnings("ignore", message=RESUME_NOISE)
         yield
 
 
@@ -450,7 +459,7 @@ def fit(
     metrics_csv = out / "logs" / "metrics.csv"
     earlier_rows = _read_csv_rows(metrics_csv) if resume else []  # the CSV logger starts the file afresh
     try:
-        with library_noise_filtered():
+        with library_noise_filtered(resume):
             trainer.fit(model, datamodule=dm, ckpt_path=str(last) if resume else None)
     finally:
         model.compile_network(False)  # calibration and prediction below run eager (other shapes, no grad)
