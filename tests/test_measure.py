@@ -284,6 +284,30 @@ def test_evaluate_shapes_cnn_without_hsm_and_bad_input(tmp_path):
         evaluate_shapes(tmp_path / "bad", y, y, None, ["e1", "e2"], {}, None, _info(30, "gri", 32), "cnn")
 
 
+def test_evaluate_shapes_reads_the_rmse_against_zero_and_the_uncalibrated_estimate(tmp_path):
+    """A noisy, shrunk estimate (response 0.5) delivered with the response removed: metrics.json also
+    gives the RMSE before the removal and that of answering e = 0; without a response, only the latter.
+    As on blends, removing the response makes the RMSE worse than answering e = 0."""
+    from cosmolit.measure.report import evaluate_shapes
+
+    rng = np.random.default_rng(2)
+    y = rng.normal(0, 0.3, (400, 2))
+    raw = 0.5 * y + rng.normal(0, 0.2, y.shape) + 0.01
+    delivered = (raw - 0.01) / 0.5
+    delivered[0, 0] = np.nan  # dropped from every RMSE alike
+    response = {name: {"slope": 0.5, "intercept": 0.01} for name in ("e1", "e2")}
+    m = evaluate_shapes(tmp_path / "cal", y, delivered, None, ["e1", "e2"], {}, None, _info(400, "gri", 32), "cnn",
+                        hsm=False, progress=False, response=response)
+    rms = lambda a: float(np.sqrt(np.mean(a ** 2)))  # noqa: E731
+    assert m["e1"]["rmse_uncalibrated"] == pytest.approx(rms(raw[1:, 0] - y[1:, 0]))
+    assert m["e1"]["rmse_zero"] == pytest.approx(rms(y[1:, 0])) and m["e2"]["rmse_zero"] == pytest.approx(rms(y[:, 1]))
+    assert m["e2"]["rmse"] > m["e2"]["rmse_zero"] > m["e2"]["rmse_uncalibrated"]
+    assert "before the response removal" in (tmp_path / "cal" / "report.md").read_text()
+    plain = evaluate_shapes(tmp_path / "plain", y, raw, None, ["e1", "e2"], {}, None, _info(400, "gri", 32), "cnn",
+                            hsm=False, progress=False)
+    assert "rmse_uncalibrated" not in plain["e1"] and plain["e1"]["rmse_zero"] == pytest.approx(rms(y[:, 0]))
+
+
 def test_evaluate_generation_ks(tmp_path):
     pytest.importorskip("galsim")
     from cosmolit.measure.report import evaluate_generation

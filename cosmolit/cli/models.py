@@ -149,7 +149,11 @@ def evaluate_cmd(
             line = f"  {key}: rmse {m['rmse']:.4f}  m {m['m']:+.4f} +- {m['m_err']:.4f}  c {m['c']:+.5f} +- {m['c_err']:.5f}"
             reg = (metrics.get("hsm_regauss") or {}).get(key)
             if isinstance(reg, dict):
-                line += f"   (HSM REGAUSS rmse {reg['rmse']:.4f})"
+                line += f"   (HSM REGAUSS rmse {reg['rmse']:.4f}, m {reg['m']:+.3f})"
+            if m.get("rmse_zero") is not None:
+                line += f"\n      rmse of e = 0 for every galaxy {m['rmse_zero']:.4f}"
+            if m.get("rmse_uncalibrated") is not None:
+                line += f"; of the network before its response removal {m['rmse_uncalibrated']:.4f}"
             typer.echo(line)
     typer.echo(f"  metrics  {out / 'metrics.json'}")
     typer.echo(f"  report   {out / 'report.md'}")
