@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The issue-3 quality runs on CPU, end to end: simulate train and test sets (never trained on),
 # fit the shape CNN (isolated, blended), the Pyro BNN and the VAE with the configs/ presets, evaluate
-# each with `cosmolit evaluate`. About 7 h and 11 GB of disk on 2 cores (the two VAEs 2 h 30 min, the
+# each with `cosmolit evaluate`. About 9 h 30 min and 25 GB of disk on 2 cores (the two VAEs 2 h 30 min, the
+# blended CNN 2 h 40 min on 60,000 blends with their scenes, the
 # 40,000-stamp recalibration and test 1 h); only iso_train and iso_test keep the noiseless stamps
 # (the VAE's). Figures are copied into benchmarks/RESULTS.md by hand.
 #   bash benchmarks/run_quality.sh [WORKDIR]      (default: quality-runs/, created)
@@ -47,6 +48,14 @@ $C evaluate --ckpt cnn_blend_renoise/model.ckpt --data blend_test.h5 --out eval_
 step "resume cnn (blends) to 40 epochs"  # the cosine rate restarts from 0.29e-3 (38 min)
 $C fit --model cnn --data blend_train30k_scene.h5 --config "$CFG/cnn_blends.yaml" --epochs 40 --accelerator cpu --out cnn_blend_renoise --resume -q
 $C evaluate --ckpt cnn_blend_renoise/model.ckpt --data blend_test.h5 --out eval_cnn_blend_renoise_e40 --force -q
+step "resume cnn (blends) to 50 epochs"  # 24 min
+$C fit --model cnn --data blend_train30k_scene.h5 --config "$CFG/cnn_blends.yaml" --epochs 50 --accelerator cpu --out cnn_blend_renoise --resume -q
+$C evaluate --ckpt cnn_blend_renoise/model.ckpt --data blend_test.h5 --out eval_cnn_blend_renoise_e50 --force -q
+step "resume cnn (blends) on 30,000 new blends to 64 epochs"  # a copy of the run, 14 epochs (31 min)
+sim blend_train30k_s511.h5 --n 30000 --seed 511 --config "$CFG/simulate/blends.yaml" --no-clean --scene
+rm -rf cnn_blend_ft && cp -r cnn_blend_renoise cnn_blend_ft
+$C fit --model cnn --data blend_train30k_s511.h5 --config "$CFG/cnn_blends.yaml" --epochs 64 --accelerator cpu --out cnn_blend_ft --resume -q
+$C evaluate --ckpt cnn_blend_ft/model.ckpt --data blend_test.h5 --out eval_cnn_blend_ft --force -q
 
 step "fit vae"  # 20 epochs along the preset's cosine schedule, then resumed to 30 (the schedule re-read)
 $C fit --model vae --data iso_train.h5 --config "$CFG/vae.yaml" --epochs 20 --accelerator cpu --out vae_iso --force -q
