@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cosmolit.dataset import DatasetWriter, inspect_dataset, iter_images, read_targets, read_truth
-from cosmolit.errors import UsageError
+from cosmolit.errors import CosmolitError, UsageError
 
 
 def inference_device(accelerator: str) -> str:
@@ -64,9 +64,15 @@ def write_predictions(out: Path, data: Path, preds: dict[str, np.ndarray], targe
                     extra={f"predictions/{k}": v[start:stop] for k, v in preds.items()})
 
 
+MAX_REDRAWS = 20  # rounds of drawing implausible generated stamps again before giving up
+
+
 def generate_images(model, n: int, seed: int, batch_size: int = 500, prior: bool = False,
-                    device: str = "cpu", progress: bool = True) -> np.ndarray:
-    """n generated stamps (n, B, H, W) in electrons, reproducible for a seed."""
+                    device: str = "cpu", progress: bool = True) -> tuple[np.ndarray, int]:
+    """(n generated stamps (n, B, H, W) in electrons, reproducible for a seed; how many were drawn
+    again). A stamp the model calls implausible (GalaxyVAE.implausible: a non-finite or absurd pixel)
+    is replaced by the next draw of the same generator, so the output stays reproducible and finite;
+    CosmolitError if a batch is still implausible after MAX_REDRAWS rounds (a broken model)."""
     import torch
 
     from cosmolit.progress import progress_bar
@@ -74,14 +80,23 @@ def generate_images(model, n: int, seed: int, batch_size: int = 500, prior: bool
     model = model.to(device).eval()
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    chunks = []
+    chunks, redrawn = [], 0
     with torch.no_grad(), progress_bar(n, "generating", enabled=progress) as advance:
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
             imgs = model.sample(m, generator=gen, from_flow=not prior)
+            bad, rounds = model.implausible(imgs), 0
+            while bad.any():
+                if rounds == MAX_REDRAWS:
+                    raise CosmolitError(f"{int(bad.sum())} of {m} generated galaxies still have non-finite or absurd "
+                                        f"pixels after {MAX_REDRAWS} redraws: the checkpoint's decoder or flow is broken")
+                k, rounds = int(bad.sum()), rounds + 1
+                redrawn += k
+                imgs[bad] = model.sample(k, generator=gen, from_flow=not prior)
+                bad = model.implausible(imgs)
             chunks.append(imgs.detach().float().cpu().numpy())
             advance(m)
-    return np.concatenate(chunks)
+    return np.concatenate(chunks), redrawn
 
 
 def load_images(path, limit: int | None = None, batch_size: int = 256, dataset: str = "images") -> np.ndarray:

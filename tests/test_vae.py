@@ -246,3 +246,45 @@ def test_two_stage_fit_and_checkpoint_roundtrip(synthetic_small_h5, tmp_path):
     assert out["kind"] == "vae"
     assert torch.equal(torch.tensor(out["a"]).view_as(expected), expected)
     assert torch.equal(torch.tensor(out["b"]).view_as(expected), expected)
+
+
+def test_generation_draws_implausible_galaxies_again(monkeypatch):
+    """A generated stamp with a non-finite or absurd pixel (the decoder's answer to a latent from the
+    flow's far tail) is replaced by the next draw of the same generator; the rest stay as drawn, and
+    the output is reproducible. A model that never recovers is an error, not an endless loop."""
+    from cosmolit.errors import CosmolitError
+    from cosmolit.infer import generate_images
+    from cosmolit.models.vae import MAX_DECODED_ASINH
+
+    vae = _vae().eval()
+    x = vae.sample(3, generator=torch.Generator().manual_seed(1), from_flow=False)
+    assert not vae.implausible(x).any()
+    scale = vae.norm_scale[0, :, 0, 0]
+    x[1, 0, 5, 5] = float("inf")
+    x[2, 1, 0, 0] = float(scale[1]) * np.sinh(MAX_DECODED_ASINH + 1)
+    assert vae.implausible(x).tolist() == [False, True, True]
+
+    clean, _ = generate_images(vae, 6, seed=4, batch_size=6, prior=True, progress=False)
+    original = type(vae).sample
+    calls = []
+
+    def spoiled(self, n, generator=None, from_flow=True):
+        out = original(self, n, generator=generator, from_flow=from_flow)
+        calls.append(n)
+        if len(calls) == 1:
+            out[[0, 3], 0, 0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(type(vae), "sample", spoiled)
+    images, redrawn = generate_images(vae, 6, seed=4, batch_size=6, prior=True, progress=False)
+    assert redrawn == 2 and calls == [6, 2] and np.isfinite(images).all()
+    keep = [1, 2, 4, 5]
+    assert np.array_equal(images[keep], clean[keep]) and not np.array_equal(images[[0, 3]], clean[[0, 3]])
+    calls.clear()
+    again, _ = generate_images(vae, 6, seed=4, batch_size=6, prior=True, progress=False)
+    assert np.array_equal(again, images)
+
+    monkeypatch.setattr(type(vae), "sample", lambda self, n, generator=None, from_flow=True:
+                        torch.full((n, 3, 16, 16), float("nan")))
+    with pytest.raises(CosmolitError, match="after 20 redraws"):
+        generate_images(vae, 4, seed=0, prior=True, progress=False)

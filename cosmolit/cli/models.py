@@ -114,12 +114,13 @@ def evaluate_cmd(
             # galaxies: compare them with the noiseless simulated stamps, not the noisy ones
             reference = "clean" if info.has_clean else "images"
             real = load_images(data, limit=max(n_generate, 16), dataset=reference)
-            generated = generate_images(net, n_generate, seed, device=device, progress=progress)
+            generated, redrawn = generate_images(net, n_generate, seed, device=device, progress=progress)
             # reconstructions of the same stamps, to tell the autoencoder's shape errors from the flow's
             recon = _reconstructions(net, data, real, reference, device)
             snr = _truth_column(data, "snr", len(real))
             metrics = evaluate_generation(out, real, generated, info.bands, info.pixel_scale,
-                                          reconstructions=recon, progress=progress, reference=reference, snr=snr)
+                                          reconstructions=recon, progress=progress, reference=reference, snr=snr,
+                                          redrawn=redrawn)
         else:
             from cosmolit.measure.report import evaluate_shapes
 
@@ -279,17 +280,21 @@ def generate_cmd(
         check_output_path(png, force, what="PNG")
     device = inference_device(accelerator)
     net, _, ckpt_data = load_model(ckpt, expected="vae")
-    images = generate_images(net, n, seed, batch_size=batch_size, prior=prior, device=device, progress=not quiet)
+    images, redrawn = generate_images(net, n, seed, batch_size=batch_size, prior=prior, device=device,
+                                      progress=not quiet)
     hp = net.hparams
     bands, stamp = str(hp["bands"]), int(hp["stamp"])
     nan = np.full(n, np.nan)
     attrs = {"pixel_scale": float((hp.get("provenance") or {}).get("pixel_scale", 0.2)),
              "psf_fwhm": np.asarray((hp.get("provenance") or {}).get("psf_fwhm", [np.nan] * len(bands)), float),
-             "seed": seed, "generator": f"cosmolit generate ({'prior' if prior else 'flow'})",
+             "seed": seed, "generator": f"cosmolit generate ({'prior' if prior else 'flow'})", "n_redrawn": redrawn,
              "config": f"generate: {{ckpt: {str(ckpt)!r}, n: {n}, seed: {seed}, prior: {str(prior).lower()}}}\n"}
     with DatasetWriter(out, n, bands, stamp, stamp, ["e1", "e2", "redshift", "is_generated"], attrs=attrs) as w:
         w.write(0, images, {"e1": nan, "e2": nan, "redshift": nan, "is_generated": np.ones(n)})
     typer.echo(f"generated {n} galaxies ({bands}, {stamp}x{stamp}) -> {out}")
+    if redrawn:
+        typer.echo(f"  {redrawn} drawn again: their decoded pixels were not finite or absurd (latents from the "
+                   "flow's far tail)")
     if png is not None:
         from cosmolit.measure.plots import stamp_grid
 

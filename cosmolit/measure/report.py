@@ -396,8 +396,11 @@ UNITS = {"size": "pixels, adaptive-moment sigma", "abs_e": "distortion", "e1": "
 
 def evaluate_generation(out_dir, real_images, generated, bands: str, pixel_scale: float,
                         reconstructions=None, progress: bool = True, band: str | None = None,
-                        reference: str = "images", snr=None) -> dict:
+                        reference: str = "images", snr=None, redrawn: int = 0) -> dict:
     """Compare generated (M, B, H, W) with simulated (N, B, H, W) galaxies [electrons].
+
+    `redrawn`: how many generated galaxies were drawn again for implausible pixels
+    (cosmolit.infer.generate_images), recorded as `n_redrawn`.
 
     `reference` names what real_images are, recorded as `reference_images`: "clean" (the
     noiseless stamps, what a denoising VAE generates) or "images" (the noisy ones).
@@ -435,6 +438,7 @@ def evaluate_generation(out_dir, real_images, generated, bands: str, pixel_scale
         "model_kind": "vae",
         "n_real": int(real.shape[0]),
         "n_generated": int(gen.shape[0]),
+        "n_redrawn": int(redrawn),
         "reference_images": reference,
         "bands": bands,
         "pixel_scale": float(pixel_scale),
@@ -508,6 +512,9 @@ def _generation_report(m: dict, figures) -> str:
     f = m["adaptive_moments_failures"]
     lines += ["", f"FindAdaptiveMom failures: {f['real']} of {m['n_real']} simulated, "
               f"{f['generated']} of {m['n_generated']} generated (left out of size and shape statistics).", ""]
+    if m.get("n_redrawn"):
+        lines += [f"{m['n_redrawn']} generated galaxies were drawn again: their decoded pixels were not finite "
+                  "or absurd (latents from the flow's far tail).", ""]
     if "reconstruction" in m:
         r = m["reconstruction"]
         lines += [f"Reconstructions of {r['n']} stamps: RMSE per band [electrons] "

@@ -64,6 +64,9 @@ from cosmolit.nn.trunk import Trunk, init_he_, make_prelu
 
 STD_EPS = 1e-4  # added to the softplus std of q(z|x)
 LOG_SIGMA_MIN = -7.0  # floor of the learned log sigma (asinh units)
+# a generated stamp with a pixel beyond this in the normalised space asinh(x / scale_b) (x = 2.4e8 noise
+# sigmas) is no galaxy: simulated LSST stamps stay below 8, and sinh overflows float32 at 89
+MAX_DECODED_ASINH = 20.0
 FLOW_LATENTS = ("sample", "mean")
 RECON_SIGMAS = ("optimal", "stamp", "learned")  # or a positive number; None (older checkpoints) = learned
 FITTED_SIGMAS = ("optimal", "stamp")  # computed from each batch's residual, not stored in the module
@@ -297,6 +300,14 @@ class GalaxyVAE(CosmolitModule):
             y = self.decoder(z[start:start + chunk], channels_last=on_cpu)  # (b, C, H, W)
             outs.append(self.denormalise(y).contiguous())
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    @torch.no_grad()
+    def implausible(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the generated stamps (N, C, H, W) in electrons with a pixel that is not finite or
+        beyond MAX_DECODED_ASINH in the normalised space: rare latents from the flow's far tail, which
+        the decoder maps outside anything it was trained on (about 1 in 1,000 for the configs/vae.yaml model)."""
+        y = self.normalise(images).flatten(1)  # inf stays inf, NaN stays NaN
+        return ~torch.isfinite(y).all(1) | (y.abs().amax(1) > MAX_DECODED_ASINH)
 
     @torch.no_grad()
     def sample(self, n: int, generator: Optional[torch.Generator] = None, from_flow: bool = True) -> torch.Tensor:
