@@ -144,6 +144,9 @@ def evaluate_cmd(
             shutil.rmtree(out, ignore_errors=True)
         raise
     typer.echo(f"evaluated {kind} checkpoint {ckpt} on {data} ({n if kind != 'vae' else len(real)} of {info.n} stamps)")
+    if metrics.get("n_redrawn"):
+        typer.echo(f"  {metrics['n_redrawn']} generated galaxies drawn again: their decoded pixels were not finite "
+                   "or absurd (latents from the flow's far tail)")
     for key in ("e1", "e2"):
         if isinstance(metrics.get(key), dict):
             m = metrics[key]
