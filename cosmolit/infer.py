@@ -65,6 +65,7 @@ def write_predictions(out: Path, data: Path, preds: dict[str, np.ndarray], targe
 
 
 MAX_REDRAWS = 20  # rounds of drawing implausible generated stamps again before giving up
+REDRAWN_WHY = "their decoded pixels were not finite or absurd (latents from the flow's far tail)"
 
 
 def generate_images(model, n: int, seed: int, batch_size: int = 500, prior: bool = False,

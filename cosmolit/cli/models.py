@@ -85,7 +85,7 @@ def evaluate_cmd(
     """Measure a model against truth (and GalSim HSM); write metrics.json, report.md and plots."""
     from cosmolit.checkpoint import load_model
     from cosmolit.dataset import inspect_dataset, iter_images, read_truth
-    from cosmolit.infer import generate_images, inference_device, load_images, predict_shapes
+    from cosmolit.infer import REDRAWN_WHY, generate_images, inference_device, load_images, predict_shapes
 
     _positive(batch_size, "--batch-size")
     _positive(samples, "--samples")
@@ -145,8 +145,7 @@ def evaluate_cmd(
         raise
     typer.echo(f"evaluated {kind} checkpoint {ckpt} on {data} ({n if kind != 'vae' else len(real)} of {info.n} stamps)")
     if metrics.get("n_redrawn"):
-        typer.echo(f"  {metrics['n_redrawn']} generated galaxies drawn again: their decoded pixels were not finite "
-                   "or absurd (latents from the flow's far tail)")
+        typer.echo(f"  {metrics['n_redrawn']} generated galaxies drawn again: {REDRAWN_WHY}")
     for key in ("e1", "e2"):
         if isinstance(metrics.get(key), dict):
             m = metrics[key]
@@ -274,7 +273,7 @@ def generate_cmd(
 
     from cosmolit.checkpoint import load_model
     from cosmolit.dataset import DatasetWriter, check_output_path
-    from cosmolit.infer import generate_images, inference_device
+    from cosmolit.infer import REDRAWN_WHY, generate_images, inference_device
 
     _positive(n, "--n")
     _positive(batch_size, "--batch-size")
@@ -296,8 +295,7 @@ def generate_cmd(
         w.write(0, images, {"e1": nan, "e2": nan, "redshift": nan, "is_generated": np.ones(n)})
     typer.echo(f"generated {n} galaxies ({bands}, {stamp}x{stamp}) -> {out}")
     if redrawn:
-        typer.echo(f"  {redrawn} drawn again: their decoded pixels were not finite or absurd (latents from the "
-                   "flow's far tail)")
+        typer.echo(f"  {redrawn} drawn again: {REDRAWN_WHY}")
     if png is not None:
         from cosmolit.measure.plots import stamp_grid
 

@@ -513,8 +513,9 @@ def _generation_report(m: dict, figures) -> str:
     lines += ["", f"FindAdaptiveMom failures: {f['real']} of {m['n_real']} simulated, "
               f"{f['generated']} of {m['n_generated']} generated (left out of size and shape statistics).", ""]
     if m.get("n_redrawn"):
-        lines += [f"{m['n_redrawn']} generated galaxies were drawn again: their decoded pixels were not finite "
-                  "or absurd (latents from the flow's far tail).", ""]
+        from cosmolit.infer import REDRAWN_WHY
+
+        lines += [f"{m['n_redrawn']} generated galaxies were drawn again: {REDRAWN_WHY}.", ""]
     if "reconstruction" in m:
         r = m["reconstruction"]
         lines += [f"Reconstructions of {r['n']} stamps: RMSE per band [electrons] "
