@@ -399,3 +399,39 @@ def test_cli_bench_generate_and_overhead_real_models(tmp_path):
         row = names[f"eager_over_compiled_{kind}_b2"]
         assert row["value"] == pytest.approx(row["a"]["median"] / row["b"]["median"]) and row["b"]["n"] == 1
         assert "compile on" in row["note"] or "compile failed" in row["note"]
+
+
+def test_bench_vs_tf_alternates_both_sides_and_divides_per_round(tmp_path, capsys):
+    """benchmarks/bench_vs_tf.py with a stand-in for the TF environment (its own python writing 50 ms
+    per step): the real cosmolit CNN is timed by whole epochs, and each ratio is TF / cosmolit."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_vs_tf", root / "benchmarks" / "bench_vs_tf.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fake = tmp_path / "tf-python"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "a = sys.argv[2:]\n"
+        "get = lambda k: a[a.index(k) + 1]\n"
+        "rows = [{'batch_size': int(b), 'step_s': 0.05, 'batch_s_median': 0.04} for b in get('--batch-sizes').split(',')]\n"
+        "json.dump({'results': rows, 'environment': {'tensorflow': 'stand-in'}}, open(get('--out'), 'w'))\n")
+    os.chmod(fake, 0o755)
+    out = tmp_path / "vs.json"
+    assert mod.main(["--tf-python", str(fake), "--models", "cnn", "--cnn-batch-sizes", "2", "--rounds", "2",
+                     "--epochs", "1", "--epoch-images", "4", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (row,) = doc["table"]
+    assert row["model"] == "cnn" and row["batch_size"] == 2 and row["tf_ms"] == pytest.approx(50.0)
+    assert len(row["eager_ms_rounds"]) == 2 and all(t > 0 for t in row["eager_ms_rounds"])
+    ratios = sorted(50.0 / t for t in row["eager_ms_rounds"])
+    assert row["tf_over_eager"] == pytest.approx(sum(ratios) / 2)  # median of the two per-round ratios
+    assert doc["environment"]["tf"] == {"tensorflow": "stand-in"}
+    assert "| cnn | 2 | 50.0 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--tf-python", str(tmp_path / "missing"), "--out", str(out)])
+    assert e.value.code == 2

@@ -48,6 +48,35 @@ def test_prelu_matches_the_where_formulation_values_and_gradients(fused, monkeyp
     assert p.weight.grad.shape == (4, 5, 5)
 
 
+@pytest.mark.parametrize("shape", [(4, 5, 5), (4, 1, 1), (7,)], ids=["element", "channel", "dense"])
+def test_cpu_prelu_backward_is_bit_identical_to_torchs_kernel(shape):
+    """The CPU backward built from vectorised ops gives exactly the gradients of torch's own kernel,
+    including at x == 0 (slope a, as torch) and for negative slopes."""
+    import cosmolit.nn.trunk as trunk_mod
+
+    if trunk_mod._PRELU_KERNEL is None:
+        pytest.skip("this torch has no fused PReLU kernel")
+    torch.manual_seed(1)
+    a = torch.empty(shape).uniform_(-0.5, 0.9).requires_grad_(True)
+    x = torch.randn(3, *shape)
+    x.view(-1)[::5] = 0.0  # exact zeros take the negative side's slope, as in torch
+    x.requires_grad_(True)
+    g = torch.randn_like(x)
+    y = trunk_mod._CPUPReLU.apply(x, a)
+    dx, da = torch.autograd.grad(y, (x, a), g)
+    x_ref, a_ref = x.detach().clone().requires_grad_(True), a.detach().clone().requires_grad_(True)
+    y_ref = torch._prelu_kernel(x_ref, a_ref)
+    dx_ref, da_ref = torch.autograd.grad(y_ref, (x_ref, a_ref), g)
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    assert torch.allclose(da, da_ref, rtol=1e-6, atol=1e-7)  # a sum over the batch: order may differ
+    assert da.shape == a.shape
+    # the module takes this path on CPU with gradients on, and the plain kernel without them
+    p = ElementwisePReLU(shape)
+    assert p(x).grad_fn.name().startswith("_CPUPReLU")
+    with torch.no_grad():
+        assert torch.equal(p(x), torch._prelu_kernel(x, p.weight))
+
+
 @pytest.mark.parametrize("prelu", ["element", "channel"])
 def test_trunk_shapes(prelu):
     trunk = Trunk(in_channels=3, stamp=32, filters=(4, 8, 8, 16), prelu=prelu)

@@ -43,6 +43,52 @@ def _is_nhwc(x: torch.Tensor) -> bool:
         return False
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)  # torch >= 2.1
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    dynamo = getattr(torch, "_dynamo", None)
+    return bool(dynamo is not None and dynamo.is_compiling())
+
+
+class _CPUPReLU(torch.autograd.Function):
+    """torch's fused PReLU forward with a backward built from vectorised element-wise ops.
+
+    Why: on CPU, torch's `_prelu_kernel_backward` runs a per-element select that is not
+    vectorised (as torch.where is not): 0.88 ms for the trunk's first feature map at batch 2
+    (2 x 32 x 64 x 64), where the five passes below take 0.38 ms. In the shape CNN's training
+    step (bare loop, alternating) that is 1.26x faster at batch 32 and 1.06x at batch 8; at
+    batch 2 the saving is spent on the Python-level backward (benchmarks/RESULTS.md). The input
+    gradient is bit-identical to torch's, the slope gradient equal up to the order of the batch
+    sum (tests/test_nn.py):
+
+        kept = g where x > 0 else 0        (threshold_backward, ReLU's backward)
+        rest = g - kept                    (g where x <= 0 else 0, exactly)
+        dx   = kept + a * rest             (g or a * g, exactly)
+        da   = sum over broadcast dims of rest * x
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, a):
+        return _PRELU_KERNEL(x, a)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, a = ctx.saved_tensors
+        kept = torch.ops.aten.threshold_backward(g, x, 0)
+        rest = g - kept
+        dx = torch.addcmul(kept, a, rest) if ctx.needs_input_grad[0] else None
+        da = (rest * x).sum_to_size(a.shape) if ctx.needs_input_grad[1] else None
+        return dx, da
+
+
 class ElementwisePReLU(nn.Module):
     """PReLU with one learned slope per element of `shape`: y = x if x > 0 else a * x.
 
@@ -53,7 +99,8 @@ class ElementwisePReLU(nn.Module):
     and is in PopTorch 3.4's lowered-op list): one pass forward and one backward. On CPU (batch
     32, the trunk's eight feature-map shapes, forward + backward) it takes 0.6x the time of the
     relu form relu(x) - a * relu(-x), which is itself 0.43x that of torch.where(x >= 0, x, a * x).
-    The relu form remains as the fallback for a torch without the kernel.
+    The relu form remains as the fallback for a torch without the kernel. On CPU, with gradients
+    on and outside torch.compile, the backward is _CPUPReLU's (same gradients, vectorised ops).
     """
 
     def __init__(self, shape: tuple[int, ...], init: float = 0.25):
@@ -70,9 +117,11 @@ class ElementwisePReLU(nn.Module):
             # NHWC activations: give the slopes the same layout, else the broadcast walks them
             # across strides (17x slower on CPU for (32, 64, 64) slopes at batch 32)
             w = w.unsqueeze(0).contiguous(memory_format=torch.channels_last)  # (1, C, H, W)
-        if _PRELU_KERNEL is not None:
-            return _PRELU_KERNEL(x, w)  # (B, *shape)
-        return F.relu(x) - w * F.relu(-x)
+        if _PRELU_KERNEL is None:
+            return F.relu(x) - w * F.relu(-x)
+        if x.device.type == "cpu" and torch.is_grad_enabled() and not _compiling():
+            return _CPUPReLU.apply(x, w)  # (B, *shape); TorchInductor fuses the kernel's own backward
+        return _PRELU_KERNEL(x, w)  # (B, *shape)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}"
