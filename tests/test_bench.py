@@ -348,6 +348,14 @@ def test_cli_bench_usage_errors(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_cli_bench_help_shows_the_defaults():
+    """Rich would read "[default: ...]" in a help text as a style tag and print nothing of it."""
+    runner, app = _cli()
+    res = runner.invoke(app, ["bench", "train", "--help"], env={"COLUMNS": "250"}, terminal_width=250)
+    assert res.exit_code == 0
+    assert "(default: 2,4,8,14)" in res.output and "(default: lightning)" in res.output
+
+
 def test_cli_bench_plot(tmp_path):
     from cosmolit.bench.results import write_results
 
@@ -406,6 +414,7 @@ def test_bench_vs_tf_alternates_both_sides_and_divides_per_round(tmp_path, capsy
     per step): the real cosmolit CNN is timed by whole epochs, and each ratio is TF / cosmolit."""
     import importlib.util
     import os
+    import statistics
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -418,20 +427,26 @@ def test_bench_vs_tf_alternates_both_sides_and_divides_per_round(tmp_path, capsy
         "import json, sys\n"
         "a = sys.argv[2:]\n"
         "get = lambda k: a[a.index(k) + 1]\n"
-        "rows = [{'batch_size': int(b), 'step_s': 0.05, 'batch_s_median': 0.04} for b in get('--batch-sizes').split(',')]\n"
+        "if get('--model') == 'decoder':\n"
+        "    rows = [{'n': int(n), 'decode_s': 2.0} for n in get('--n').split(',')]\n"
+        "else:\n"
+        "    rows = [{'batch_size': int(b), 'step_s': 0.05, 'batch_s_median': 0.04} for b in get('--batch-sizes').split(',')]\n"
         "json.dump({'results': rows, 'environment': {'tensorflow': 'stand-in'}}, open(get('--out'), 'w'))\n")
     os.chmod(fake, 0o755)
     out = tmp_path / "vs.json"
-    assert mod.main(["--tf-python", str(fake), "--models", "cnn", "--cnn-batch-sizes", "2", "--rounds", "2",
-                     "--epochs", "1", "--epoch-images", "4", "--out", str(out)]) == 0
+    assert mod.main(["--tf-python", str(fake), "--models", "cnn,decoder", "--cnn-batch-sizes", "2", "--rounds", "2",
+                     "--epochs", "1", "--epoch-images", "4", "--decoder-n", "3", "--repeats", "1", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    (row,) = doc["table"]
-    assert row["model"] == "cnn" and row["batch_size"] == 2 and row["tf_ms"] == pytest.approx(50.0)
+    row, dec = doc["table"]
+    assert dec["model"] == "decoder" and dec["size"] == 3 and dec["tf_ms"] == pytest.approx(2000.0)
+    assert dec["tf_over_eager"] == pytest.approx(statistics.median(2000.0 / t for t in dec["eager_ms_rounds"]))
+    assert row["model"] == "cnn" and row["size"] == 2 and row["tf_ms"] == pytest.approx(50.0)
     assert len(row["eager_ms_rounds"]) == 2 and all(t > 0 for t in row["eager_ms_rounds"])
-    ratios = sorted(50.0 / t for t in row["eager_ms_rounds"])
-    assert row["tf_over_eager"] == pytest.approx(sum(ratios) / 2)  # median of the two per-round ratios
+    ratios = [50.0 / t for t in row["eager_ms_rounds"]]
+    assert row["tf_over_eager"] == pytest.approx(statistics.median(ratios))  # median of the per-round ratios
     assert doc["environment"]["tf"] == {"tensorflow": "stand-in"}
     assert "| cnn | 2 | 50.0 |" in capsys.readouterr().out
+    assert "compiled_ms" not in row  # only with --compile
     with pytest.raises(SystemExit) as e:
         mod.main(["--tf-python", str(tmp_path / "missing"), "--out", str(out)])
     assert e.value.code == 2

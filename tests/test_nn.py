@@ -70,9 +70,11 @@ def test_cpu_prelu_backward_is_bit_identical_to_torchs_kernel(shape):
     assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
     assert torch.allclose(da, da_ref, rtol=1e-6, atol=1e-7)  # a sum over the batch: order may differ
     assert da.shape == a.shape
-    # the module takes this path on CPU with gradients on, and the plain kernel without them
+    # the module takes this path on CPU with gradients on (where torch can tell compiled code,
+    # torch >= 2.3), and the plain kernel without them
     p = ElementwisePReLU(shape)
-    assert p(x).grad_fn.name().startswith("_CPUPReLU")
+    custom = trunk_mod._IS_COMPILING is not None
+    assert p(x).grad_fn.name().startswith("_CPUPReLU") == custom
     with torch.no_grad():
         assert torch.equal(p(x), torch._prelu_kernel(x, p.weight))
 

@@ -16,7 +16,13 @@ per element, Keras' default), Conv2D 3x3 stride 2 'same' + PReLU; Flatten; Dense
   KL / 8,000; the head feeds tfp.layers.MultivariateNormalTriL(3); loss the negative log-likelihood
   plus the KL. 2,726,229 parameters.
 
-Protocol (as paper.md's TF figures): Adam 1e-3, `model.fit` on random data of the study's shapes,
+- decoder: the VAE's decoder (paper.md): Dense(256) + PReLU, Dense(4 x 4 x 256) + PReLU, reshape,
+  for filters 256, 128, 64, 32 a Conv2DTranspose stride 2 + PReLU and one stride 1 + PReLU, then
+  Conv2D 3x3 to 6 bands, sigmoid. 3,319,942 parameters. Timed: `predict_on_batch` on n latents,
+  the median of --repeats calls, after a warm-up call on 100 latents and one untimed call per n
+  (Keras traces its predict function again for each new batch shape).
+
+Protocol for the two shape networks (as paper.md's TF figures): Adam 1e-3, `model.fit` on random data of the study's shapes,
 epochs of --epoch-images samples; the first epoch is warm-up and the per-step time is the median
 over the later epochs of epoch time / steps per epoch. The median of per-batch times (Keras
 callback) is written too.
@@ -39,7 +45,7 @@ import time
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # TFP's layers need Keras 2 (tf-keras)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-PARAMETERS = {"cnn": 1_517_205, "bnn": 2_726_229}  # the study's trainable-parameter counts (paper.md)
+PARAMETERS = {"cnn": 1_517_205, "bnn": 2_726_229, "decoder": 3_319_942}  # the study's trainable-parameter counts (paper.md)
 FILTERS = (32, 64, 128, 256)
 TRAIN_SIZE = 8000  # the KL is divided by the study's training-set size
 
@@ -53,6 +59,51 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _check_parameters(net, model: str) -> int:
+    import tensorflow as tf
+
+    n = int(sum(int(tf.size(w)) for w in net.trainable_weights))
+    if n != PARAMETERS[model]:
+        raise SystemExit(f"error: the {model} network has {n} trainable parameters, the study's has {PARAMETERS[model]}")
+    return n
+
+
+def build_decoder(latent: int = 32, bands: int = 6):
+    import tf_keras as keras
+
+    z = keras.Input((latent,))
+    h = keras.layers.PReLU()(keras.layers.Dense(256)(z))
+    h = keras.layers.PReLU()(keras.layers.Dense(4 * 4 * 256)(h))
+    h = keras.layers.Reshape((4, 4, 256))(h)
+    for f in (256, 128, 64, 32):
+        h = keras.layers.PReLU()(keras.layers.Conv2DTranspose(f, 3, strides=2, padding="same")(h))
+        h = keras.layers.PReLU()(keras.layers.Conv2DTranspose(f, 3, strides=1, padding="same")(h))
+    out = keras.layers.Conv2D(bands, 3, padding="same", activation="sigmoid")(h)
+    net = keras.Model(z, out)
+    return net, _check_parameters(net, "decoder")
+
+
+def time_decoder(ns: list[int], repeats: int, seed: int) -> list[dict]:
+    import numpy as np
+    import tensorflow as tf
+
+    tf.random.set_seed(seed)
+    net, n_params = build_decoder()
+    rng = np.random.default_rng(seed)
+    net.predict_on_batch(rng.standard_normal((100, 32)).astype(np.float32))  # warm-up, as the study
+    rows = []
+    for n in ns:
+        z = rng.standard_normal((n, 32)).astype(np.float32)
+        net.predict_on_batch(z)  # Keras traces its predict function again for each new batch shape
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            net.predict_on_batch(z)
+            times.append(time.perf_counter() - t0)
+        rows.append({"n": n, "decode_s": statistics.median(times), "decode_s_all": times, "parameters": n_params})
+    return rows
 
 
 def build(model: str, bands: int = 6, stamp: int = 64):
@@ -88,10 +139,7 @@ def build(model: str, bands: int = 6, stamp: int = 64):
         net = keras.Model(inp, out)
         loss = lambda y, rv: -rv.log_prob(y)  # noqa: E731
     net.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
-    n = int(sum(int(tf.size(w)) for w in net.trainable_weights))
-    if n != PARAMETERS[model]:
-        raise SystemExit(f"error: the {model} network has {n} trainable parameters, the study's has {PARAMETERS[model]}")
-    return net, n
+    return net, _check_parameters(net, model)
 
 
 class _BatchTimes:
@@ -139,8 +187,10 @@ def time_batch(model: str, batch: int, epochs: int, epoch_images: int, seed: int
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("cnn", "bnn"), required=True)
+    p.add_argument("--model", choices=("cnn", "bnn", "decoder"), required=True)
     p.add_argument("--batch-sizes", default="2,8,32,128")
+    p.add_argument("--n", default="1,100,1000", help="decoder: numbers of latents decoded at once")
+    p.add_argument("--repeats", type=int, default=10, help="decoder: timed calls per n")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
     p.add_argument("--epoch-images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
@@ -148,15 +198,23 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         batches = [int(b) for b in a.batch_sizes.split(",")]
+        ns = [int(n) for n in a.n.split(",")]
     except ValueError:
-        p.error(f"--batch-sizes must be comma-separated integers, got {a.batch_sizes!r}")
+        p.error(f"--batch-sizes and --n must be comma-separated integers, got {a.batch_sizes!r}, {a.n!r}")
     if a.epochs < 1 or min(batches) < 1 or a.epoch_images < max(batches):
         p.error("--epochs and batch sizes must be positive and --epoch-images at least the largest batch")
+    if a.repeats < 1 or min(ns) < 1:
+        p.error("--repeats and --n must be positive")
     import tensorflow as tf
     import tensorflow_probability as tfp
     import tf_keras
 
     rows = []
+    if a.model == "decoder":
+        rows = time_decoder(ns, a.repeats, a.seed)
+        for row in rows:
+            print(f"TF decoder n {row['n']:5d}: {row['decode_s']:.4f} s", flush=True)
+        batches = []
     for b in batches:
         row = time_batch(a.model, b, a.epochs, a.epoch_images, a.seed)
         print(f"TF {a.model} batch {b:4d}: {row['step_s'] * 1e3:8.2f} ms/step (epochs), "

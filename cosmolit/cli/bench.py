@@ -39,15 +39,15 @@ def _check_out(out: Path, force: bool) -> None:
 
 @command("train", app_=bench_app)
 def train_cmd(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="cnn or bnn [default: cnn]."),
-    accelerator: Optional[str] = typer.Option(None, "--accelerator", "-a", help="cpu, gpu, ipu or auto [default: cpu]."),
-    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", "-b", help="Comma-separated [default: 2,4,8,14]."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Timed steps per batch size [default: 20]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="cnn or bnn (default: cnn)."),
+    accelerator: Optional[str] = typer.Option(None, "--accelerator", "-a", help="cpu, gpu, ipu or auto (default: cpu)."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", "-b", help="Comma-separated (default: 2,4,8,14)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Timed steps per batch size (default: 20)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Timed epochs of --epoch-images images instead of steps."),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Untimed first steps [default: 3]."),
-    warmup_epochs: Optional[int] = typer.Option(None, "--warmup-epochs", help="Untimed first epochs with --epochs [default: 1]."),
-    epoch_images: Optional[int] = typer.Option(None, "--epoch-images", help="Images per epoch with --epochs [default: 8000]."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="lightning, bare or static [default: lightning]."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Untimed first steps (default: 3)."),
+    warmup_epochs: Optional[int] = typer.Option(None, "--warmup-epochs", help="Untimed first epochs with --epochs (default: 1)."),
+    epoch_images: Optional[int] = typer.Option(None, "--epoch-images", help="Images per epoch with --epochs (default: 8000)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="lightning, bare or static (default: lightning)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="cnn: mse (the study's timing runs) or nll."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads."),
     interop_threads: Optional[int] = typer.Option(None, "--interop-threads", help="torch inter-op threads."),
@@ -88,12 +88,12 @@ def train_cmd(
 
 @command("generate", app_=bench_app)
 def generate_cmd(
-    accelerator: Optional[str] = typer.Option(None, "--accelerator", "-a", help="cpu, gpu or auto [default: cpu]."),
-    n: Optional[str] = typer.Option(None, "--n", help="Numbers of images [default: 1,10,100,500,1000,5000]."),
+    accelerator: Optional[str] = typer.Option(None, "--accelerator", "-a", help="cpu, gpu or auto (default: cpu)."),
+    n: Optional[str] = typer.Option(None, "--n", help="Numbers of images (default: 1,10,100,500,1000,5000)."),
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="A VAE checkpoint (default: untrained VAE, timing only)."),
-    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed calls per n [default: 3]."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="Samples generated before timing [default: 100]."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="eager or static (CUDA graph) [default: eager]."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed calls per n (default: 3)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Samples generated before timing (default: 100)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="eager or static (CUDA graph) (default: eager)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     label: Optional[str] = typer.Option(None, "--label", help="Legend of this run in plots."),
@@ -120,12 +120,12 @@ def generate_cmd(
 
 @command("overhead", app_=bench_app)
 def overhead_cmd(
-    accelerator: Optional[str] = typer.Option(None, "--accelerator", "-a", help="cpu, gpu or auto [default: cpu]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="cnn batch [default: 32]."),
-    bnn_batch_size: Optional[int] = typer.Option(None, "--bnn-batch-size", help="BNN batch [default: 32]."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Timed steps per round and side [default: 8]."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help="Alternating rounds [default: 3]."),
-    parts: Optional[str] = typer.Option(None, "--parts", help="Comma-separated: lightning, pyro, mfu, malloc, compile [default: lightning, pyro, mfu]."),
+    accelerator: Optional[str] = typer.Option(None, "--accelerator", "-a", help="cpu, gpu or auto (default: cpu)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="cnn batch (default: 32)."),
+    bnn_batch_size: Optional[int] = typer.Option(None, "--bnn-batch-size", help="BNN batch (default: 32)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Timed steps per round and side (default: 8)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Alternating rounds (default: 3)."),
+    parts: Optional[str] = typer.Option(None, "--parts", help="Comma-separated: lightning, pyro, mfu, malloc, compile (default: lightning, pyro, mfu)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads."),
     label: Optional[str] = typer.Option(None, "--label"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
@@ -151,7 +151,7 @@ def plot_cmd(
     results: List[Path] = typer.Argument(..., help="One or more results JSON files of the same kind."),
     reference: str = typer.Option("paper", "--reference", help="paper (draw the study's numbers) or none."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Series the ratios divide by (part of its legend)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="train results: cnn or bnn [default: the first]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="train results: cnn or bnn (default: the first)."),
     out: Path = typer.Option(..., "--out", "-o", help="Figure (.png, .pdf, .svg)."),
     force: bool = typer.Option(False, "--force"),
 ) -> None:

@@ -43,12 +43,10 @@ def _is_nhwc(x: torch.Tensor) -> bool:
         return False
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)  # torch >= 2.1
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    dynamo = getattr(torch, "_dynamo", None)
-    return bool(dynamo is not None and dynamo.is_compiling())
+# torch.compiler.is_compiling (torch >= 2.3) tells eager calls from code that torch.compile traces.
+# torch 2.0's torch._dynamo.is_compiling answers False even there, and its Dynamo mis-traces the
+# custom Function below (the IPU stack's CI run gave a loss of 1e32), so older torch keeps the kernel.
+_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)
 
 
 class _CPUPReLU(torch.autograd.Function):
@@ -56,11 +54,12 @@ class _CPUPReLU(torch.autograd.Function):
 
     Why: on CPU, torch's `_prelu_kernel_backward` runs a per-element select that is not
     vectorised (as torch.where is not): 0.88 ms for the trunk's first feature map at batch 2
-    (2 x 32 x 64 x 64), where the five passes below take 0.38 ms. In the shape CNN's training
-    step (bare loop, alternating) that is 1.26x faster at batch 32 and 1.06x at batch 8; at
-    batch 2 the saving is spent on the Python-level backward (benchmarks/RESULTS.md). The input
-    gradient is bit-identical to torch's, the slope gradient equal up to the order of the batch
-    sum (tests/test_nn.py):
+    (2 x 32 x 64 x 64), where the five passes below take 0.38 ms. Over the trunk's eight PReLUs,
+    forward + backward, 3.2 -> 2.3 ms at batch 2 and 44.7 -> 20.9 ms at batch 32; a whole training
+    step of the shape CNN, 1.05x to 1.26x faster at batch 8 to 128 and no faster at batch 2, where
+    the Python-level backward costs what it saves (benchmarks/RESULTS.md). The input gradient is
+    bit-identical to torch's, the slope gradient equal up to the order of the batch sum
+    (tests/test_nn.py):
 
         kept = g where x > 0 else 0        (threshold_backward, ReLU's backward)
         rest = g - kept                    (g where x <= 0 else 0, exactly)
@@ -119,7 +118,8 @@ class ElementwisePReLU(nn.Module):
             w = w.unsqueeze(0).contiguous(memory_format=torch.channels_last)  # (1, C, H, W)
         if _PRELU_KERNEL is None:
             return F.relu(x) - w * F.relu(-x)
-        if x.device.type == "cpu" and torch.is_grad_enabled() and not _compiling():
+        eager_cpu = x.device.type == "cpu" and _IS_COMPILING is not None and not _IS_COMPILING()
+        if eager_cpu and torch.is_grad_enabled():
             return _CPUPReLU.apply(x, w)  # (B, *shape); TorchInductor fuses the kernel's own backward
         return _PRELU_KERNEL(x, w)  # (B, *shape)
 
