@@ -7,6 +7,8 @@ Sources:
   GC2 IPU, TensorFlow 2.1.
 - The study's TensorFlow layer code rebuilt on TensorFlow 2.19.1 (CPU), timed on a 2-core
   machine like cosmolit's development machine (2026-11-28; /work/shared/reference/paper.md).
+  These figures hold for that machine only (on a 2-core Intel Xeon the same TF code took 1.06x to
+  1.34x as long, batch 2 to 128): benchmarks/bench_vs_tf.py times it beside cosmolit on yours.
 
 Units: training in seconds per 100 epochs of 8,000 images (the study's unit); generation in
 seconds for n images (latent flow sampling + decoding, after a warm-up of 100 samples).
