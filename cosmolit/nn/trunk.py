@@ -120,8 +120,8 @@ class ElementwisePReLU(nn.Module):
             return F.relu(x) - w * F.relu(-x)
         eager_cpu = x.device.type == "cpu" and _IS_COMPILING is not None and not _IS_COMPILING()
         if eager_cpu and torch.is_grad_enabled():
-            return _CPUPReLU.apply(x, w)  # (B, *shape); TorchInductor fuses the kernel's own backward
-        return _PRELU_KERNEL(x, w)  # (B, *shape)
+            return _CPUPReLU.apply(x, w)  # (B, *shape)
+        return _PRELU_KERNEL(x, w)  # (B, *shape); under torch.compile Inductor fuses its backward
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}"
