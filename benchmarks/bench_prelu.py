@@ -53,7 +53,10 @@ def layers(batch: int, rounds: int) -> None:
 
 
 def step(model_kind: str, batch: int, rounds: int) -> None:
+    """Whole training steps with each backward, through cosmolit.bench.overhead's bare loop and its
+    alternating rounds (the order swapped every round)."""
     import cosmolit.nn.trunk as trunk
+    from cosmolit.bench.overhead import _side_by_side, time_loop
     from cosmolit.bench.train import build_bench_model, loss_function, model_optimizer, synthetic_pool
 
     custom = trunk._CPUPReLU
@@ -63,39 +66,27 @@ def step(model_kind: str, batch: int, rounds: int) -> None:
         def apply(x, a):
             return torch._prelu_kernel(x, a)
 
-    x, y = synthetic_pool(max(64, batch), 6, 64, 3, 0)
-    steps = {}
-    for side in ("torch", "cosmolit"):
+    x, y = synthetic_pool(2 * batch, 6, 64, 3, 0)
+    batches = [(x[:batch], y[:batch]), (x[batch:], y[batch:])]
+
+    def side(backward):
         torch.manual_seed(0)
         model = build_bench_model(model_kind, loss="mse" if model_kind == "cnn" else None).train()
         loss_fn, opt = loss_function(model), model_optimizer(model)
 
-        def one(i, loss_fn=loss_fn, opt=opt, side=side):
-            trunk._CPUPReLU = TorchBackward if side == "torch" else custom
-            s = (i * batch) % (len(x) - batch + 1)
-            opt.zero_grad(set_to_none=True)
-            loss_fn(x[s:s + batch], y[s:s + batch]).backward()
-            opt.step()
+        def run() -> list[float]:
+            trunk._CPUPReLU = backward
+            try:
+                return time_loop(loss_fn, opt, batches, steps=10, warmup=3, device=None)
+            finally:
+                trunk._CPUPReLU = custom
 
-        for i in range(4):
-            one(i)
-        steps[side] = one
-    times = {side: [] for side in steps}
-    ratios = []
-    try:
-        for _ in range(rounds):
-            for side, one in steps.items():
-                for i in range(10):
-                    t0 = time.perf_counter()
-                    one(i)
-                    times[side].append(time.perf_counter() - t0)
-            ratios.append(statistics.median(times["torch"][-10:]) / statistics.median(times["cosmolit"][-10:]))
-    finally:
-        trunk._CPUPReLU = custom
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(f"{model_kind} training step, batch {batch}: torch's backward {med['torch']:.2f} ms, cosmolit's "
-          f"{med['cosmolit']:.2f} ms; torch / cosmolit {med['torch'] / med['cosmolit']:.3f}, per round "
-          + ", ".join(f"{r:.3f}" for r in ratios))
+        return run
+
+    res = _side_by_side(side(TorchBackward), side(custom), rounds)
+    print(f"{model_kind} training step, batch {batch}: torch's backward {res['a']['median'] * 1e3:.2f} ms, "
+          f"cosmolit's {res['b']['median'] * 1e3:.2f} ms; torch / cosmolit {res['ratio']:.3f}, per round "
+          + ", ".join(f"{r:.3f}" for r in res["round_ratios"]))
 
 
 def main(argv=None) -> int:
