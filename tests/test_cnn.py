@@ -233,6 +233,54 @@ def test_fit_logs_epoch_means_and_checkpoint_reloads_in_a_subprocess(synthetic_s
     assert out["norm"] == dm.normalisation
 
 
+def test_per_step_values_are_logged_at_the_logger_steps_and_the_last_batch(synthetic_small_h5, tmp_path):
+    """train_loss / train_mse are logged at the steps the logger writes (every log_every_n_steps)
+    and at an epoch's last batch, with that step's own values; not at the other steps."""
+    import csv
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    from cosmolit.data import GalaxyDataModule
+    from cosmolit.models.cnn import ShapeCNN
+
+    class Losses(pl.Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.values.append((float(outputs["loss"]), float(outputs["mse"])))
+
+    pl.seed_everything(0)
+    dm = GalaxyDataModule(synthetic_small_h5, batch_size=5, val_fraction=0.25, seed=0)
+    model = ShapeCNN(**SMALL)
+    calls = []
+    log = model.log
+    model.log = lambda name, *a, **k: (calls.append(name), log(name, *a, **k))
+    losses = Losses()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=CSVLogger(str(tmp_path), name="run"),
+                         log_every_n_steps=3, callbacks=[losses], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    per_epoch = trainer.num_training_batches
+    assert per_epoch % 3 != 0  # so that the last batch is not also a logger step
+    steps = 2 * per_epoch
+    expected = sorted({s for s in range(steps) if (s + 1) % 3 == 0} | {per_epoch - 1, steps - 1})
+    assert calls.count("train_loss") == calls.count("train_mse") == len(expected) < steps
+    with open(trainer.logger.log_dir + "/metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train_loss")]
+    written = [int(r["step"]) for r in rows]
+    assert written == [s for s in range(steps) if (s + 1) % 3 == 0]
+    for r in rows:
+        loss, mse = losses.values[int(r["step"])]
+        assert float(r["train_loss"]) == pytest.approx(loss, rel=1e-6)
+        assert float(r["train_mse"]) == pytest.approx(mse, rel=1e-6)
+    assert float(trainer.progress_bar_metrics["train_loss"]) == pytest.approx(losses.values[-1][0], rel=1e-6)
+    # the epoch mean still covers every step
+    mean = np.mean([v[0] for v in losses.values[per_epoch:]])
+    assert float(trainer.callback_metrics["train_loss_epoch"]) == pytest.approx(mean, rel=1e-5)
+
+
 def test_ipu_rules_hold_in_the_steps(synthetic_small_h5, monkeypatch):
     """On an IPU the step returns just the loss, marked; it logs nothing itself; no host reads."""
     import cosmolit.backends as backends

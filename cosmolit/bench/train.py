@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from cosmolit.errors import UsageError
-from cosmolit.train import LIBRARY_NOISE
+from cosmolit.train import LIBRARY_NOISE, TrainerConfig
 
 MODES = ("lightning", "bare", "static")
 TRAIN_MODELS = ("cnn", "bnn")
@@ -250,6 +250,7 @@ def _time_lightning(model, cfg: TrainBenchConfig, batch: int, x, y, echo) -> dic
     opts = trainer_kwargs(cfg.accelerator, 1, cfg.precision, cfg.seed, ipu=ipu, echo=lambda m: None)
     trainer = pl.Trainer(callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                         log_every_n_steps=TrainerConfig.log_every_n_steps,  # `cosmolit fit`'s logging
                          **limits, **opts)
     with _quiet_lightning():
         trainer.fit(model, _loader(x, y, batch * k, length, cfg.seed))
