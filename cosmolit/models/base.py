@@ -180,7 +180,7 @@ class CosmolitModule(pl.LightningModule):
 
         Why not every step: each `self.log` call costs Lightning about 0.45 ms on a CPU (it walks
         and deep-copies its record of the metric), 0.9 ms of a 17 ms shape-CNN step at batch 2 and
-        1.8 ms for the BNN's four values, and values logged in between never reach a logger. The
+        1.6 ms for the BNN's four values, and values logged in between never reach a logger. The
         epoch means are gathered from every step either way.
         """
         trainer = getattr(self, "_trainer", None)  # bare loops call the steps without one
