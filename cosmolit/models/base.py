@@ -104,7 +104,6 @@ class CosmolitModule(pl.LightningModule):
         self.register_buffer("norm_scale", torch.tensor(scale, dtype=torch.float32).view(1, -1, 1, 1),
                              persistent=False)
         self._step_values: dict[str, dict[str, list]] = {"train": {}, "val": {}}
-        self._last_batch = False  # the training batch under way ends its epoch
 
     # ------------------------------------------------------------------ normalisation
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,10 +186,7 @@ class CosmolitModule(pl.LightningModule):
         if trainer is None:
             return False
         every = trainer.log_every_n_steps
-        return (bool(every) and (trainer.global_step + 1) % every == 0) or self._last_batch
-
-    def on_train_batch_start(self, batch, batch_idx) -> None:
-        self._last_batch = batch_idx + 1 >= self.trainer.num_training_batches
+        return (bool(every) and (trainer.global_step + 1) % every == 0) or trainer.is_last_batch
 
     def _gather(self, stage: str, outputs) -> None:
         if outputs is None:
