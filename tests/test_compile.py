@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosmolit.backends.compiling import CompiledCall, compile_errors
+from cosmolit.backends.compiling import CompiledApart, CompiledCall, compile_errors
 
 
 class _CompileFailed(compile_errors()[0] if compile_errors() else RuntimeError):
@@ -72,6 +72,34 @@ def test_a_platform_that_refuses_torch_compile_runs_eager(monkeypatch):
     net.compile_network(True, messages.append)
     assert len(messages) == 1 and net.compile_status() == "unavailable"
     assert torch.isfinite(net.elbo_terms(torch.rand(2, 3, 16, 16), torch.zeros(2, 2))["loss"])
+
+
+def test_compiled_apart_keeps_its_function_out_of_the_enclosing_graph():
+    if getattr(getattr(torch, "compiler", None), "is_compiling", None) is None:
+        pytest.skip("no torch.compiler.is_compiling in this torch: the function stays inline")
+    apart = CompiledApart(lambda x, s: torch.asinh(x / s))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3)
+
+    def net(x, s):
+        return conv(apart(x, s)).square().mean()
+
+    graphs = []  # the ops of every graph the enclosing torch.compile builds
+
+    def record(gm, example_inputs):
+        graphs.append(" ".join(str(n.target) for n in gm.graph.nodes))
+        return gm.forward
+
+    x, s = torch.rand(2, 3, 8, 8) * 50, torch.full((1, 3, 1, 1), 10.0)
+    compiled = torch.compile(net, backend=record)
+    torch.testing.assert_close(compiled(x, s), net(x, s))
+    assert apart._compiled is not None  # it ran as a graph of its own
+    assert any("conv2d" in g for g in graphs) and not any("asinh" in g for g in graphs)
+    # an input that needs a gradient keeps the function inline, and differentiable
+    graphs.clear()
+    xg = x.clone().requires_grad_()
+    compiled(xg, s).backward()
+    assert any("asinh" in g for g in graphs) and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
 
 
 def _tiny_cnn():

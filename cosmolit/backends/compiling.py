@@ -24,7 +24,7 @@ Not for the IPU: PopTorch compiles the whole step itself (see cosmolit.backends.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 
 def compile_errors() -> tuple[type, ...]:
@@ -85,6 +85,45 @@ class CompiledCall:
                       "running it eager")
             self.status = "failed"
             return out
+
+
+class CompiledApart:
+    """`fn(*tensors)`, a pure tensor function of inputs that need no gradient, run as a graph of its
+    own (compiled at its first call) when code that torch.compile traces calls it; plain `fn`
+    anywhere else (eager code, PopTorch's tracer, a CUDA-graph capture, inputs with gradients, a
+    torch without `torch.compiler.is_compiling`).
+
+    Why: inside a larger graph Inductor lays `fn`'s element-wise work out for the convolution that
+    follows it. For the input normalisation asinh(x / scale) of 6-band stamps that layout is
+    channels-last with 6 channels, so each 16-float vector of the fused kernel holds 6 useful
+    values, and the asinh (two log1p, a square root, two divisions per value) is computed twice
+    forward and once more in the backward graph: 1.4 ms of a 16 ms shape-CNN step at batch 2 and
+    22 ms of 163 ms at batch 32 on a 2-core CPU (benchmarks/RESULTS.md). As a graph of its own, fed
+    the contiguous (B, C, H, W) input, it runs once on full vectors, and the network's graph
+    receives its result as an input that needs no gradient. The cost is a graph break.
+    """
+
+    def __init__(self, fn: Callable):
+        import torch
+
+        self.fn = fn
+        self._compiled: Optional[Callable] = None
+        compiler = getattr(torch, "compiler", None)
+        self._is_compiling = getattr(compiler, "is_compiling", None)
+        # the graph break: the enclosing graph ends here, the call below runs outside it
+        self._apart = compiler.disable(self._call_compiled) if self._is_compiling is not None else None
+
+    def _call_compiled(self, *args):
+        import torch
+
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=False)
+        return self._compiled(*args)
+
+    def __call__(self, *args):
+        if self._apart is not None and self._is_compiling() and not any(a.requires_grad for a in args):
+            return self._apart(*args)
+        return self.fn(*args)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -33,11 +33,20 @@ import pytorch_lightning as pl
 import torch
 
 from cosmolit.backends import make_adam, on_ipu
+from cosmolit.backends.compiling import CompiledApart
 from cosmolit.errors import UsageError
 from cosmolit.nn.trunk import PRELU_KINDS
 
 LR_SCHEDULES = ("constant", "cosine")
 LR_FLOOR = 0.01  # the cosine schedule ends at this fraction of lr
+
+
+def _asinh_scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.asinh(x / scale)
+
+
+# under torch.compile the normalisation is a graph of its own (see CompiledApart for why)
+_NORMALISE = CompiledApart(_asinh_scaled)
 
 
 def check_network_hparams(filters, prelu, lr, targets=None, lr_schedule: str = "constant") -> None:
@@ -108,7 +117,7 @@ class CosmolitModule(pl.LightningModule):
     # ------------------------------------------------------------------ normalisation
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Raw electrons (B, C, H, W) -> network input asinh(x / scale_b) (B, C, H, W)."""
-        return torch.asinh(x / self.norm_scale.to(x.dtype))
+        return _NORMALISE(x, self.norm_scale.to(x.dtype))
 
     def denormalise(self, y: torch.Tensor) -> torch.Tensor:
         """Inverse of `normalise`: sinh(y) * scale_b (B, C, H, W) electrons."""
