@@ -165,3 +165,50 @@ def test_make_adam_is_fused_off_the_ipu_where_torch_has_it_and_plain_on_the_ipu(
             p.grad = torch.ones_like(p)
         opt.step()
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+
+
+def test_dense_adam_steps_channels_last_weights_like_adam_and_hands_its_kernel_contiguous_views(monkeypatch):
+    import torch
+
+    from cosmolit.backends.adam import Adam, memory_order_view
+
+    try:
+        torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    except RuntimeError:
+        pytest.skip("no fused CPU Adam in this torch: make_adam uses the plain form")
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    shapes = [(8, 6, 3, 3), (8,), (4, 8, 3, 3)]
+    start = [torch.randn(s) for s in shapes]
+    plain = [torch.nn.Parameter(w.clone()) for w in start]
+    dense = [torch.nn.Parameter(w.clone().contiguous(memory_format=cl) if w.dim() == 4 else w.clone())
+             for w in start]
+    seen = []  # (contiguous?) of every tensor the fused kernel receives from Adam
+    kernel = torch._fused_adam_
+
+    def spy(*tensor_lists, **kwargs):
+        seen.extend(t.is_contiguous() for lst in tensor_lists[:4] for t in lst)
+        return kernel(*tensor_lists, **kwargs)
+
+    reference = torch.optim.Adam(plain, lr=0.01, fused=True)
+    opt = Adam(dense, lr=0.01, fused=True)
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(plain, dense, grads):
+            p.grad, q.grad = g.clone(), g.clone().contiguous(memory_format=cl) if g.dim() == 4 else g.clone()
+        reference.step()
+        monkeypatch.setattr(torch, "_fused_adam_", spy)
+        opt.step()
+        monkeypatch.setattr(torch, "_fused_adam_", kernel)
+    assert seen and all(seen)
+    for p, q in zip(plain, dense):  # bit for bit, and the weights keep their layout
+        assert torch.equal(p, q) and torch.equal(reference.state[p]["exp_avg_sq"], opt.state[q]["exp_avg_sq"])
+    assert not dense[0].is_contiguous() and dense[0].is_contiguous(memory_format=cl)
+    # a gradient in another layout than its weight is left to torch (which copies): same values
+    q = dense[0]
+    q.grad = torch.ones(shapes[0])
+    before = q.detach().clone()
+    opt.step()
+    assert not torch.equal(q, before) and q.is_contiguous(memory_format=cl)
+    assert memory_order_view(torch.zeros(3, 4)) is None and memory_order_view(torch.zeros(4, 3).t()).is_contiguous()
+    assert memory_order_view(torch.zeros(4, 6)[:, ::2]) is None  # gaps: not dense

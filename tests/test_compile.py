@@ -25,14 +25,15 @@ def test_compiled_call_falls_back_once_when_compilation_fails(monkeypatch):
     if not compile_errors():
         pytest.skip("this torch has no TorchDynamo")
     monkeypatch.setattr(torch, "compile", _fake_compile(_CompileFailed()))
-    messages = []
-    call = CompiledCall(lambda a: a * 2, "toy", echo=messages.append)
-    assert call.status == "on"
+    messages, hooks = [], []
+    call = CompiledCall(lambda a: a * 2, "toy", echo=messages.append, prepare=lambda: hooks.append("prepare"),
+                        restore=lambda: hooks.append("restore"))
+    assert call.status == "on" and hooks == []
     assert torch.equal(call(torch.arange(3.0)), torch.tensor([0.0, 2.0, 4.0]))
-    assert call.status == "failed"
+    assert call.status == "failed" and hooks == ["prepare", "restore"]
     assert len(messages) == 1 and "torch.compile of toy failed" in messages[0] and "eager" in messages[0]
     assert torch.equal(call(torch.ones(2)), torch.full((2,), 2.0))
-    assert len(messages) == 1  # said once
+    assert len(messages) == 1 and hooks == ["prepare", "restore"]  # said once, and each hook ran once
 
 
 def test_compiled_call_does_not_swallow_errors_of_the_computation(monkeypatch):
@@ -128,9 +129,18 @@ def test_compile_network_gives_the_eager_loss_and_gradients():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    convs = [m.weight for m in compiled.modules() if isinstance(m, torch.nn.Conv2d)]
+    if compiled.compile_status() == "on":  # on a CPU the compiled network keeps its conv weights channels-last
+        assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
     assert list(compiled.state_dict()) == keys  # checkpoints are the same with or without compile
+    checkpoint = {"state_dict": compiled.state_dict()}
+    compiled.on_save_checkpoint(checkpoint)
+    assert all(v.is_contiguous() for v in checkpoint["state_dict"].values())
+    for (name, p), q in zip(eager.state_dict().items(), checkpoint["state_dict"].values()):
+        assert p.shape == q.shape, name
     compiled.compile_network(False)
     assert compiled.compile_status() == "off" and "loss_terms" not in compiled.__dict__
+    assert all(w.is_contiguous() for w in convs)  # eager steps run on contiguous weights again
 
 
 def test_bnn_compiles_network_draw_and_kl_and_gives_the_eager_elbo():

@@ -50,14 +50,19 @@ class CompiledCall:
 
     status: "on" (compiled, or compiling at the next call), "failed" (fell back to eager) or
     "unavailable" (torch.compile is missing or refuses this Python / platform).
+    `prepare()` runs once, before the first compiled call (the model sets the parameter layout the
+    compiled graph wants, now that it is on its device); `restore()` once, when the call falls
+    back to eager.
     """
 
-    def __init__(self, fn: Callable, what: str, echo: Callable[[str], None] = print):
+    def __init__(self, fn: Callable, what: str, echo: Callable[[str], None] = print,
+                 prepare: Optional[Callable[[], None]] = None, restore: Optional[Callable[[], None]] = None):
         import torch
 
         self.eager = fn
         self.what = what
         self.echo = echo
+        self._prepare, self._restore = prepare, restore
         self._errors = compile_errors()
         self._fn = fn
         self.status = "unavailable"
@@ -75,11 +80,16 @@ class CompiledCall:
     def __call__(self, *args, **kwargs):
         if self.status != "on":
             return self.eager(*args, **kwargs)
+        if self._prepare is not None:
+            prepare, self._prepare = self._prepare, None
+            prepare()
         try:
             return self._fn(*args, **kwargs)
         except self._errors as exc:
             # Dynamo also wraps errors of the computation itself (a shape mismatch): run it eager
             # first, and blame compilation only if eager succeeds; else eager's own error surfaces
+            if self._restore is not None:
+                self._restore()
             out = self.eager(*args, **kwargs)
             self.echo(f"torch.compile of {self.what} failed ({type(exc).__name__}: {_first_line(exc)}); "
                       "running it eager")
