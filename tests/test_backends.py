@@ -204,11 +204,18 @@ def test_dense_adam_steps_channels_last_weights_like_adam_and_hands_its_kernel_c
     for p, q in zip(plain, dense):  # bit for bit, and the weights keep their layout
         assert torch.equal(p, q) and torch.equal(reference.state[p]["exp_avg_sq"], opt.state[q]["exp_avg_sq"])
     assert not dense[0].is_contiguous() and dense[0].is_contiguous(memory_format=cl)
-    # a gradient in another layout than its weight is left to torch (which copies): same values
-    q = dense[0]
-    q.grad = torch.ones(shapes[0])
-    before = q.detach().clone()
+    # torch's fused kernel pairs elements by memory position: a gradient or moments in another
+    # layout than their weight must be brought to it first, or the update is silently wrong
+    q, g = dense[0], torch.randn(shapes[0])
+    plain[0].grad, q.grad = g.clone(), g.clone()  # contiguous gradient, channels-last weight and moments
+    reference.step()
     opt.step()
-    assert not torch.equal(q, before) and q.is_contiguous(memory_format=cl)
+    assert torch.equal(plain[0], q) and q.is_contiguous(memory_format=cl)
+    q.data = q.data.contiguous()  # as after compile_network(False), or a resume without compile
+    plain[0].grad, q.grad = g.clone(), g.clone()
+    reference.step()
+    opt.step()
+    assert torch.equal(plain[0], q) and opt.state[q]["exp_avg"].is_contiguous()
+    assert torch.equal(reference.state[plain[0]]["exp_avg"], opt.state[q]["exp_avg"])
     assert memory_order_view(torch.zeros(3, 4)) is None and memory_order_view(torch.zeros(4, 3).t()).is_contiguous()
     assert memory_order_view(torch.zeros(4, 6)[:, ::2]) is None  # gaps: not dense

@@ -33,7 +33,7 @@ import pytorch_lightning as pl
 import torch
 
 from cosmolit.backends import make_adam, on_ipu
-from cosmolit.backends.compiling import CompiledApart
+from cosmolit.backends.compiling import CompiledApart, CompiledCall
 from cosmolit.errors import UsageError
 from cosmolit.nn.trunk import PRELU_KINDS
 
@@ -147,10 +147,8 @@ class CosmolitModule(pl.LightningModule):
         Inductor runs every convolution channels-last on a CPU; with contiguous weights it copies
         each of them to channels-last at every forward pass and autograd copies each weight
         gradient back (2.4 MB for the shape CNN's last convolution, at every step), about 1.5 ms of
-        a 15 ms step at batch 2. Checkpoints still hold contiguous tensors (on_save_checkpoint).
+        a 15 ms step at batch 2. Checkpoints still hold contiguous weights (on_save_checkpoint).
         """
-        from cosmolit.backends.compiling import CompiledCall
-
         for name in self.compiled_methods:
             self.__dict__.pop(name, None)  # an instance attribute shadows the method while compiled
         self._set_conv_layout(torch.contiguous_format)
@@ -178,8 +176,8 @@ class CosmolitModule(pl.LightningModule):
                 w.data = w.data.contiguous(memory_format=memory_format)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # compiled on a CPU the Conv2d weights are channels-last (compile_network); files hold
-        # contiguous tensors either way, so a checkpoint does not depend on how it was trained
+        # compiled on a CPU the Conv2d weights are channels-last (compile_network); the weights in
+        # a file are contiguous either way
         state = checkpoint.get("state_dict", {})
         for name, value in state.items():
             if isinstance(value, torch.Tensor) and not value.is_contiguous():
