@@ -167,7 +167,7 @@ def test_make_adam_is_fused_off_the_ipu_where_torch_has_it_and_plain_on_the_ipu(
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
 
 
-def test_dense_adam_steps_channels_last_weights_like_adam_and_hands_its_kernel_contiguous_views(monkeypatch):
+def test_cosmolit_adam_steps_channels_last_weights_like_torch_and_hands_its_kernel_contiguous_views(monkeypatch):
     import torch
 
     from cosmolit.backends.adam import Adam, memory_order_view

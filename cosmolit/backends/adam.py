@@ -14,9 +14,10 @@ whenever a parameter changes layout while its optimizer holds moments: a run res
 the checkpoint of a compiled one, or a compiled run falling back to eager. Here a moment buffer in
 another layout than its parameter is copied once into the parameter's layout, and such a gradient
 (autograd gives each gradient its parameter's layout) is handed over as a copy in that layout.
-Same mathematics and state dict as torch.optim.Adam,
-and the same name, so Lightning's LearningRateMonitor still logs `lr-Adam`. Not for the IPU, which
-takes no Python optimizer of its own: there cosmolit.backends.make_adam builds torch's Adam.
+
+Same mathematics and state dict as torch.optim.Adam, and the same name, so Lightning's
+LearningRateMonitor still logs `lr-Adam`. Not for the IPU, which takes no Python optimizer of its
+own: there cosmolit.backends.make_adam builds torch's Adam.
 """
 
 from __future__ import annotations
