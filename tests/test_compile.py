@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosmolit.backends.compiling import CompiledApart, CompiledCall, compile_errors
+from cosmolit.backends.compiling import CompiledApart, CompiledCall, compile_errors, tracing_check
 
 
 class _CompileFailed(compile_errors()[0] if compile_errors() else RuntimeError):
@@ -76,7 +76,7 @@ def test_a_platform_that_refuses_torch_compile_runs_eager(monkeypatch):
 
 
 def test_compiled_apart_keeps_its_function_out_of_the_enclosing_graph():
-    if getattr(getattr(torch, "compiler", None), "is_compiling", None) is None:
+    if tracing_check() is None:
         pytest.skip("no torch.compiler.is_compiling in this torch: the function stays inline")
     apart = CompiledApart(lambda x, s: torch.asinh(x / s))
     torch.manual_seed(0)

@@ -27,6 +27,15 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 
+def tracing_check() -> Optional[Callable[[], bool]]:
+    """`torch.compiler.is_compiling` (torch >= 2.3), which tells eager calls from code that
+    torch.compile traces; None for an older torch, whose `torch._dynamo.is_compiling` answers
+    False even while tracing (so code that must tell the two apart keeps its plain form there)."""
+    import torch
+
+    return getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
+
 def compile_errors() -> tuple[type, ...]:
     """Exception types that mean "torch.compile could not build this", not "the computation failed"."""
     kinds: list[type] = []
@@ -118,10 +127,9 @@ class CompiledApart:
 
         self.fn = fn
         self._compiled: Optional[Callable] = None
-        compiler = getattr(torch, "compiler", None)
-        self._is_compiling = getattr(compiler, "is_compiling", None)
+        self._is_compiling = tracing_check()
         # the graph break: the enclosing graph ends here, the call below runs outside it
-        self._apart = compiler.disable(self._call_compiled) if self._is_compiling is not None else None
+        self._apart = torch.compiler.disable(self._call_compiled) if self._is_compiling is not None else None
 
     def _call_compiled(self, *args):
         import torch

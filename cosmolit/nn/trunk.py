@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosmolit.backends.compiling import tracing_check
 from cosmolit.errors import UsageError
 
 PRELU_KINDS = ("element", "channel")
@@ -43,10 +44,10 @@ def _is_nhwc(x: torch.Tensor) -> bool:
         return False
 
 
-# torch.compiler.is_compiling (torch >= 2.3) tells eager calls from code that torch.compile traces.
-# torch 2.0's torch._dynamo.is_compiling answers False even there, and its Dynamo mis-traces the
-# custom Function below (the IPU stack's CI run gave a loss of 1e32), so older torch keeps the kernel.
-_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+# None before torch 2.3 (cosmolit.backends.compiling.tracing_check): there torch 2.0's Dynamo also
+# mis-traces the custom Function below (the IPU stack's CI run gave a loss of 1e32), so older torch
+# keeps the kernel.
+_IS_COMPILING = tracing_check()
 
 
 class _CPUPReLU(torch.autograd.Function):
