@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+import cosmolit.nn.conv as conv_module
+from cosmolit.backends.compiling import tracing_check
 from cosmolit.errors import UsageError
+from cosmolit.nn.conv import Conv2d, conv2d_weight_grad
 from cosmolit.nn.gaussian import GaussianHead, covariance, gaussian_nll, head_to_gaussian, tril_size
 from cosmolit.nn.trunk import ElementwisePReLU, Trunk
 
@@ -85,8 +88,9 @@ def test_trunk_shapes(prelu):
     assert trunk.out_features == 16 * 2 * 2
     out = trunk(torch.randn(5, 3, 32, 32))
     assert out.shape == (5, 64)
-    layers = [type(m) for m in trunk.modules() if not isinstance(m, (Trunk, nn.Sequential))]
-    assert layers.count(nn.Conv2d) == 8 and layers.count(nn.BatchNorm2d) == 1
+    layers = [m for m in trunk.modules() if not isinstance(m, (Trunk, nn.Sequential))]
+    assert sum(isinstance(m, nn.Conv2d) for m in layers) == 8
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in layers) == 1
 
 
 def test_parameter_count_matches_the_study():
@@ -97,6 +101,50 @@ def test_parameter_count_matches_the_study():
     n = sum(p.numel() for m in (trunk, head) for p in m.parameters() if p.requires_grad)
     assert n == 1_517_205
     assert sum(p.numel() for m in trunk.modules() if isinstance(m, ElementwisePReLU) for p in m.parameters()) == 307_200
+
+
+@pytest.mark.parametrize("c_in,c_out,k,stride,padding,size",
+                         [(3, 5, 3, 1, 1, 7), (4, 8, 3, 2, 1, 8), (2, 3, 5, 2, 2, 9), (6, 4, 1, 1, 0, 5), (4, 6, 3, 2, 0, 7)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_conv_weight_gradient_as_one_matrix_product_equals_torchs(c_in, c_out, k, stride, padding, size, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(3, c_in, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in, k, k, requires_grad=True)
+    out = torch.nn.functional.conv2d(x, w, None, stride, padding)
+    g = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, w, g)
+    got = conv2d_weight_grad(g, x, k, stride, padding)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_conv2d_takes_the_product_weight_gradient_only_for_small_outputs_under_compile(monkeypatch):
+    if tracing_check() is None:
+        pytest.skip("no torch.compiler.is_compiling in this torch: Conv2d is torch's everywhere")
+    calls = []  # the shapes of the inputs whose weight gradient went through the product
+    product = conv_module.conv2d_weight_grad
+    monkeypatch.setattr(conv_module, "conv2d_weight_grad", lambda g, x, *a: calls.append(tuple(x.shape)) or product(g, x, *a))
+    torch.manual_seed(0)
+    # batch 2: the first has 2 * 4 * 4 = 32 output positions for 32 output channels, the second 32 for 4
+    net = nn.Sequential(Conv2d(8, 32, 3, stride=2, padding=1), nn.PReLU(), Conv2d(32, 4, 3, padding=1))
+    reference = nn.Sequential(nn.Conv2d(8, 32, 3, stride=2, padding=1), nn.PReLU(), nn.Conv2d(32, 4, 3, padding=1))
+    reference.load_state_dict(net.state_dict())
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+
+    def grads(model, run):
+        loss = run(x).square().sum()
+        return torch.autograd.grad(loss, [x, *model.parameters()])
+
+    eager = grads(net, net)
+    assert calls == []  # eager: torch's convolution backward
+    compiled = grads(net, torch.compile(net, backend="aot_eager", dynamic=False))
+    assert calls == [(2, 8, 8, 8)]  # traced once, the first convolution only
+    for got, want in zip(compiled, grads(reference, reference)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for got, want in zip(eager, grads(reference, reference)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kw", [dict(stamp=60), dict(stamp=8), dict(prelu="shared"), dict(filters=()),

@@ -16,7 +16,8 @@ With 6 bands, 64x64 stamps and a Linear(4096, 9) head the network has 1,517,205 
 parameters, the study's count: 12 BatchNorm (gamma, beta) + 1,173,120 conv (weights and biases)
 + 307,200 PReLU slopes + 36,873 head.
 
-The module is made only of nn.BatchNorm2d, nn.Conv2d and ElementwisePReLU / nn.PReLU attributes,
+The module is made only of nn.BatchNorm2d, Conv2d (cosmolit.nn.conv: torch's, with a faster weight
+gradient for small outputs under torch.compile) and ElementwisePReLU / nn.PReLU attributes,
 so a Bayesian version can replace the conv weights (cosmolit.nn.bayes, Pyro's to_pyro_module_).
 """
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosmolit.backends.compiling import tracing_check
+from cosmolit.nn.conv import Conv2d
 from cosmolit.errors import UsageError
 
 PRELU_KINDS = ("element", "channel")
@@ -195,9 +197,9 @@ class Trunk(nn.Module):
         layers: list[nn.Module] = []
         c_in, size = in_channels, stamp
         for f in filters:
-            layers += [nn.Conv2d(c_in, f, 3, padding=1), make_prelu(prelu, (f, size, size))]
+            layers += [Conv2d(c_in, f, 3, padding=1), make_prelu(prelu, (f, size, size))]
             size //= 2
-            layers += [nn.Conv2d(f, f, 3, stride=2, padding=1), make_prelu(prelu, (f, size, size))]
+            layers += [Conv2d(f, f, 3, stride=2, padding=1), make_prelu(prelu, (f, size, size))]
             c_in = f
         self.blocks = init_he_(nn.Sequential(*layers))
         self.out_size = size

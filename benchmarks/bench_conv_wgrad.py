@@ -1,0 +1,133 @@
+"""The convolution weight gradient as one matrix product (cosmolit.nn.conv) against oneDNN's, on CPU.
+
+Two parts, both alternating the two sides in one process and reporting medians:
+- layers: for each convolution of the shape trunk, oneDNN's `aten.convolution_backward` (weight
+  and bias gradients, channels-last tensors, as in a compiled step) against
+  `conv2d_weight_grad` + a bias sum compiled as they are in a compiled step (Inductor fuses the
+  patch copy into one kernel), per batch size;
+- step: the compiled training step of the shape CNN (MSE, the study's timing loss, cosmolit's
+  Adam) with the trunk's convolutions as torch's nn.Conv2d against cosmolit's Conv2d; prints the
+  median of per-round ratios (above 1: cosmolit's Conv2d is faster).
+
+    python benchmarks/bench_conv_wgrad.py --batch-sizes 2,8,32 --rounds 8
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def _median_ms(fn, n: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def layers(batch: int, repeats: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from cosmolit.nn.conv import ROWS_PER_FILTER, conv2d_weight_grad
+
+    def weight_and_bias_grad(g, x, stride):
+        return conv2d_weight_grad(g, x, 3, stride, 1), g.sum((0, 2, 3))
+
+    print(f"batch {batch}: weight + bias gradient, ms (median of {repeats})")
+    c_in, size = 6, 64
+    for f in (32, 64, 128, 256):
+        for stride in (1, 2):
+            c = c_in if stride == 1 else f
+            x = torch.randn(batch, c, size, size).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(f, c, 3, 3).contiguous(memory_format=torch.channels_last)
+            g = F.conv2d(x, w, None, stride, 1).contiguous(memory_format=torch.channels_last)
+            torch._dynamo.reset()  # each layer compiles its own graph, as in a compiled step
+            product_grad = torch.compile(weight_and_bias_grad, dynamic=False)
+            args = ([stride, stride], [1, 1], [1, 1], False, [0, 0], 1, [False, True, True])
+            onednn = _median_ms(lambda: torch.ops.aten.convolution_backward(g, x, w, [f], *args), repeats)
+            product = _median_ms(lambda: product_grad(g, x, stride), repeats)
+            rows = batch * g.shape[-1] * g.shape[-2]
+            chosen = "product" if rows <= ROWS_PER_FILTER * f else "oneDNN"
+            print(f"  {c:4d} -> {f:4d} stride {stride}, {g.shape[-1]:2d}x{g.shape[-1]:<2d} outputs: oneDNN {onednn:6.3f}"
+                  f"  product {product:6.3f}  oneDNN / product {onednn / product:5.2f}  (cosmolit: {chosen})")
+            if stride == 2:
+                size //= 2
+        c_in = f
+
+
+def step(batch: int, steps: int, rounds: int) -> None:
+    import torch
+    from torch import nn
+
+    from cosmolit.bench.train import build_bench_model, loss_function, model_optimizer, synthetic_pool
+    from cosmolit.nn.conv import Conv2d
+
+    pool = max(64, 2 * batch)
+    x, y = synthetic_pool(pool, 6, 64, 3, 0)
+    sides = {}
+    for side in ("torch", "cosmolit"):
+        torch.manual_seed(0)
+        model = build_bench_model("cnn", loss="mse")
+        if side == "torch":
+            for m in model.modules():
+                if type(m) is Conv2d:
+                    m.__class__ = nn.Conv2d  # same parameters, torch's forward and backward
+        model.compile_network(True, echo=lambda s: None)
+        model.train()
+        sides[side] = (loss_function(model), model_optimizer(model))
+
+    def run(side: str, n: int) -> float:
+        loss_fn, opt = sides[side]
+        start = time.perf_counter()
+        for i in range(n):
+            j = (i * batch) % (pool - batch + 1)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(x[j:j + batch], y[j:j + batch]).backward()
+            opt.step()
+        return (time.perf_counter() - start) / n * 1e3
+
+    for side in sides:
+        run(side, 10)  # compiles, warms up
+    times = {side: [] for side in sides}
+    for r in range(rounds):
+        for side in (("torch", "cosmolit") if r % 2 == 0 else ("cosmolit", "torch")):
+            times[side].append(run(side, steps))
+    ratio = statistics.median(a / b for a, b in zip(times["torch"], times["cosmolit"]))
+    print(f"batch {batch}: compiled step, ms per step (median of {rounds} rounds of {steps}): torch's Conv2d "
+          f"{statistics.median(times['torch']):.2f}, cosmolit's {statistics.median(times['cosmolit']):.2f}; "
+          f"torch / cosmolit {ratio:.3f} (rounds {min(a / b for a, b in zip(times['torch'], times['cosmolit'])):.2f}"
+          f" to {max(a / b for a, b in zip(times['torch'], times['cosmolit'])):.2f})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", default="2,8,32")
+    p.add_argument("--parts", default="layers,step", help="layers, step or both")
+    p.add_argument("--rounds", type=int, default=8, help="step: alternating rounds")
+    p.add_argument("--steps", type=int, default=0, help="step: timed steps per round (default 80 / batch, at least 4)")
+    p.add_argument("--repeats", type=int, default=30, help="layers: timed calls per layer and side")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    import torch
+
+    from cosmolit.backends.memory import retain_freed_memory
+
+    retain_freed_memory()  # as the cosmolit command does
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    parts = args.parts.split(",")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        if "layers" in parts:
+            layers(batch, args.repeats)
+        if "step" in parts:
+            step(batch, args.steps or max(4, 80 // batch), args.rounds)
+
+
+if __name__ == "__main__":
+    main()
