@@ -22,4 +22,5 @@ $C --system-malloc bench train --model cnn --accelerator cpu --batch-sizes 2,8,3
 $C --system-malloc bench train --model bnn --accelerator cpu --batch-sizes 2,8,32 --steps 8 --out "$OUT/bnn_cpu_system_malloc.json" --force
 $C bench plot "$OUT/cnn_cpu.json" "$OUT/cnn_cpu_compile.json" --reference paper --baseline "TF 2-core" --out "$OUT/cnn_cpu.png" --force
 $C bench plot "$OUT/gen_cpu.json" --reference paper --out "$OUT/gen_cpu.png" --force
+python benchmarks/bench_conv_wgrad.py --batch-sizes 2,8,32 --rounds 8 | tee "$OUT/conv_wgrad.txt"
 python benchmarks/bench_simulate.py --n 64 --repeats 3 --out "$OUT/simulate.json"

@@ -19,7 +19,7 @@ rounding (tests/test_nn.py).
 
 Only where it was measured to pay: on a CPU, with gradients, inside code that torch.compile traces
 (Inductor fuses the patch copy into one kernel; eager, the extra Python-level backward and
-channels-first activations made the step 0.93x as fast at batch 2). Elsewhere, and on torch older
+channels-first activations made the step 0.94x as fast at batch 2). Elsewhere, and on torch older
 than 2.3 (the IPU stack, whose tracer cannot be told apart: cosmolit.backends.compiling), this is
 torch's Conv2d. The input gradient is always oneDNN's.
 """
