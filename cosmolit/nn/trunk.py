@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosmolit.backends.compiling import tracing_check
-from cosmolit.nn.conv import Conv2d
 from cosmolit.errors import UsageError
+from cosmolit.nn.conv import Conv2d
 
 PRELU_KINDS = ("element", "channel")
 _PRELU_KERNEL = getattr(torch, "_prelu_kernel", None)  # fused, broadcasting PReLU (torch >= 2.0)
