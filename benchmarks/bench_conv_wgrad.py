@@ -1,13 +1,14 @@
 """The convolution weight gradient as one matrix product (cosmolit.nn.conv) against oneDNN's, on CPU.
 
-Two parts, both alternating the two sides in one process and reporting medians:
+Two parts, in one process, reporting medians:
 - layers: for each convolution of the shape trunk, oneDNN's `aten.convolution_backward` (weight
   and bias gradients, channels-last tensors, as in a compiled step) against
   `conv2d_weight_grad` + a bias sum compiled as they are in a compiled step (Inductor fuses the
   patch copy into one kernel), per batch size;
 - step: the compiled training step of the shape CNN (MSE, the study's timing loss, cosmolit's
-  Adam) with the trunk's convolutions as torch's nn.Conv2d against cosmolit's Conv2d; prints the
-  median of per-round ratios (above 1: cosmolit's Conv2d is faster).
+  Adam) with the trunk's convolutions as torch's nn.Conv2d against cosmolit's Conv2d, rounds
+  alternating (cosmolit.bench.overhead's bare loop); prints the median of per-round ratios of the
+  median step times (above 1: cosmolit's Conv2d is faster).
 
     python benchmarks/bench_conv_wgrad.py --batch-sizes 2,8,32 --rounds 8
 """
@@ -64,12 +65,13 @@ def step(batch: int, steps: int, rounds: int) -> None:
     import torch
     from torch import nn
 
+    from cosmolit.bench.overhead import _side_by_side, time_loop
     from cosmolit.bench.train import build_bench_model, loss_function, model_optimizer, synthetic_pool
     from cosmolit.nn.conv import Conv2d
 
-    pool = max(64, 2 * batch)
-    x, y = synthetic_pool(pool, 6, 64, 3, 0)
-    sides = {}
+    x, y = synthetic_pool(4 * batch, 6, 64, 3, 0)
+    batches = [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(4)]
+    sides = []
     for side in ("torch", "cosmolit"):
         torch.manual_seed(0)
         model = build_bench_model("cnn", loss="mse")
@@ -78,30 +80,14 @@ def step(batch: int, steps: int, rounds: int) -> None:
                 if type(m) is Conv2d:
                     m.__class__ = nn.Conv2d  # same parameters, torch's forward and backward
         model.compile_network(True, echo=lambda s: None)
-        model.train()
-        sides[side] = (loss_function(model), model_optimizer(model))
-
-    def run(side: str, n: int) -> float:
-        loss_fn, opt = sides[side]
-        start = time.perf_counter()
-        for i in range(n):
-            j = (i * batch) % (pool - batch + 1)
-            opt.zero_grad(set_to_none=True)
-            loss_fn(x[j:j + batch], y[j:j + batch]).backward()
-            opt.step()
-        return (time.perf_counter() - start) / n * 1e3
-
-    for side in sides:
-        run(side, 10)  # compiles, warms up
-    times = {side: [] for side in sides}
-    for r in range(rounds):
-        for side in (("torch", "cosmolit") if r % 2 == 0 else ("cosmolit", "torch")):
-            times[side].append(run(side, steps))
-    ratio = statistics.median(a / b for a, b in zip(times["torch"], times["cosmolit"]))
+        loss_fn, opt = loss_function(model.train()), model_optimizer(model)
+        time_loop(loss_fn, opt, batches, steps=1, warmup=10, device=None)  # compiles, warms up
+        sides.append(lambda loss_fn=loss_fn, opt=opt: time_loop(loss_fn, opt, batches, steps, 3, None))
+    res = _side_by_side(*sides, rounds)
+    ratios = res["round_ratios"]
     print(f"batch {batch}: compiled step, ms per step (median of {rounds} rounds of {steps}): torch's Conv2d "
-          f"{statistics.median(times['torch']):.2f}, cosmolit's {statistics.median(times['cosmolit']):.2f}; "
-          f"torch / cosmolit {ratio:.3f} (rounds {min(a / b for a, b in zip(times['torch'], times['cosmolit'])):.2f}"
-          f" to {max(a / b for a, b in zip(times['torch'], times['cosmolit'])):.2f})")
+          f"{res['a']['median'] * 1e3:.2f}, cosmolit's {res['b']['median'] * 1e3:.2f}; torch / cosmolit "
+          f"{res['median_round_ratio']:.3f} (rounds {min(ratios):.2f} to {max(ratios):.2f})")
 
 
 def main() -> None:
