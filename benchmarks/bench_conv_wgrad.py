@@ -16,18 +16,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 
 def _median_ms(fn, n: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    from cosmolit.bench.overhead import call_times
+
+    return statistics.median(call_times(fn, n, warmup=3)) * 1e3
 
 
 def layers(batch: int, repeats: int) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -24,14 +23,9 @@ SHAPES = [(32, 64), (32, 32), (64, 32), (64, 16), (128, 16), (128, 8), (256, 8),
 
 
 def _median_ms(fn, calls: int = 40) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    from cosmolit.bench.overhead import call_times
+
+    return statistics.median(call_times(fn, calls, warmup=5)) * 1e3
 
 
 def layers(batch: int, rounds: int) -> None:

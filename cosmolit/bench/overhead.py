@@ -96,24 +96,32 @@ def matmul_flops(size: int = 1024, repeats: int = 10, device=None) -> dict:
     """Achieved fp32 FLOP/s of a dense (size x size) @ (size x size) matmul: median of `repeats`."""
     import torch
 
-    from cosmolit.bench.callbacks import summarize, synchronize
+    from cosmolit.bench.callbacks import summarize
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device or "cpu")
     b = torch.randn(size, size, generator=gen).to(device or "cpu")
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    stats = summarize(times)
+    stats = summarize(call_times(lambda: torch.mm(a, b), repeats, warmup=1, device=device))
     return {"flops_per_s": 2.0 * size**3 / stats["median"], "time": stats}
 
 
 # ---------------------------------------------------------------------------- timing helpers
+def call_times(fn: Callable, calls: int, warmup: int = 1, device=None) -> list[float]:
+    """Times [s] of `calls` calls of fn() after `warmup` untimed ones, synchronising `device`
+    (a CUDA device; nothing on CPU) around each."""
+    from cosmolit.bench.callbacks import synchronize
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(calls):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
 def time_loop(loss_fn: Callable, optimizer, batches: list, steps: int, warmup: int, device) -> list[float]:
     """Step times [s] of a bare loop (zero_grad, loss, backward, step) cycling over on-device batches."""
     from cosmolit.bench.callbacks import StepClock
