@@ -277,6 +277,7 @@ class GalaxyDataModule(pl.LightningDataModule):
         augment: bool = False,
         inputs: str = "images",
         renoise: bool = False,
+        batches_per_step: int = 1,
     ):
         super().__init__()
         if inputs not in DATA_INPUTS:
@@ -294,6 +295,8 @@ class GalaxyDataModule(pl.LightningDataModule):
             raise UsageError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
         if int(num_workers) < 0:
             raise UsageError(f"num_workers must be 0 or more, got {num_workers}")
+        if isinstance(batches_per_step, bool) or int(batches_per_step) != batches_per_step or batches_per_step <= 0:
+            raise UsageError(f"batches_per_step must be a positive integer, got {batches_per_step}")
         if limit is not None and int(limit) <= 0:
             raise UsageError(f"limit must be a positive number of stamps or null, got {limit}")
         self.path = str(path)
@@ -302,6 +305,9 @@ class GalaxyDataModule(pl.LightningDataModule):
         self.batch_size, self.val_fraction, self.seed = int(batch_size), float(val_fraction), int(seed)
         self.num_workers, self.in_memory, self.limit = int(num_workers), in_memory, limit
         self.augment = bool(augment)
+        # a training batch holds this many batches one after another (the K optimizer steps of one
+        # static-graph Lightning step); validation batches hold batch_size stamps
+        self.batches_per_step = int(batches_per_step)
         self._signs = augment_signs(self.targets) if self.augment else None
         self._info = inspect_dataset(self.path, require_truth=self.targets)
         self.inputs = inputs
@@ -490,8 +496,13 @@ class GalaxyDataModule(pl.LightningDataModule):
         self.loaded_in_memory = keep
 
     # ------------------------------------------------------------------ loaders
+    @property
+    def train_batch_size(self) -> int:
+        """Stamps per training batch: batch_size x batches_per_step."""
+        return self.batch_size * self.batches_per_step
+
     def _loader(self, ds: _Stamps, train: bool) -> DataLoader:
-        kwargs = dict(batch_size=self.batch_size, num_workers=self.num_workers,
+        kwargs = dict(batch_size=self.train_batch_size if train else self.batch_size, num_workers=self.num_workers,
                       persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
         if train:
             return DataLoader(ds, sampler=self.train_sampler, drop_last=True, **kwargs)
@@ -502,9 +513,9 @@ class GalaxyDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        if self.train_size < self.batch_size:
+        if self.train_size < self.train_batch_size:
             raise UsageError(f"the training split has {self.train_size} stamps, fewer than one batch of "
-                             f"{self.batch_size}; use a smaller batch_size or more data")
+                             f"{self.train_batch_size}; use a smaller batch_size or more data")
         return self._loader(self._train, train=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -4,8 +4,9 @@ A fit configuration (configs/cnn.yaml, configs/bnn.yaml, configs/vae.yaml) has f
 
     model:   the model's own hyper-parameters (ShapeCNNConfig, BayesianShapeCNNConfig, GalaxyVAEConfig)
     data:    DataConfig  (batch size, validation fraction, split seed, workers, streaming)
-    trainer: TrainerConfig (epochs, accelerator, devices, precision, seed, early stopping, compile)
-    ipu:     IPU options (device iterations, replication, gradient accumulation, ...), used on IPU only
+    trainer: TrainerConfig (epochs, accelerator, devices, precision, seed, early stopping, compile,
+             static-graph mode, device iterations)
+    ipu:     IPU options (replication, gradient accumulation, ...), used on IPU only
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ class TrainerConfig:
     # torch.compile the network of the training steps (cosmolit.backends.compiling): true, false, or
     # auto (on for cpu and gpu, off on an IPU, where PopTorch compiles the step itself)
     compile: Union[bool, str] = False
+    # the whole training step captured in a CUDA graph (cosmolit.backends.static): true, false, or
+    # auto (on for one GPU at 32-true precision with a constant learning rate, off elsewhere)
+    static_graph: Union[bool, str] = "auto"
+    # optimizer steps per Lightning step (one host call): on an IPU (PopTorch device iterations) and
+    # in static-graph mode; each training batch then holds device_iterations x batch_size stamps
+    device_iterations: int = 1
 
     def __post_init__(self):
         if self.epochs <= 0:
@@ -77,6 +84,10 @@ class TrainerConfig:
             raise ValueError("checkpoint_every_n_steps must be a positive integer or null")
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"compile must be true, false or auto, got {self.compile!r}")
+        if self.static_graph not in (True, False, "auto"):
+            raise ValueError(f"static_graph must be true, false or auto, got {self.static_graph!r}")
+        if isinstance(self.device_iterations, bool) or self.device_iterations <= 0:
+            raise ValueError(f"device_iterations must be a positive integer, got {self.device_iterations}")
         if self.log_every_n_steps <= 0:
             raise ValueError(f"log_every_n_steps must be a positive integer, got {self.log_every_n_steps}")
 
@@ -374,15 +385,19 @@ def fit(
     info = dm.info
     if info.height != info.width:
         raise UsageError(f"stamps must be square, got {info.height} x {info.width}")
-    if dm.train_size < cfg.data.batch_size:
-        raise UsageError(
-            f"the training split has {dm.train_size} stamps, fewer than one batch of {cfg.data.batch_size}; "
-            "use a smaller --batch-size or more data"
-        )
 
     import pytorch_lightning as pl
 
     trainer_opts = _trainer_options(cfg, echo)
+    accel = trainer_opts.get("accelerator")
+    static_k = _static_graph_steps(cfg, accel, getattr(model_cfg, "lr_schedule", "constant"), echo)
+    dm.batches_per_step = max(static_k, 1)
+    if dm.train_size < dm.train_batch_size:
+        step = f"{dm.train_batch_size} ({static_k} x {cfg.data.batch_size})" if static_k > 1 else str(cfg.data.batch_size)
+        raise UsageError(
+            f"the training split has {dm.train_size} stamps, fewer than one batch of {step}; "
+            "use a smaller --batch-size" + (" or device_iterations" if static_k > 1 else "") + " or more data"
+        )
     pl.seed_everything(cfg.trainer.seed, workers=True)
     cls = model_class(kind)
     model_kwargs = dict(dataclasses.asdict(model_cfg))
@@ -397,15 +412,24 @@ def fit(
     new_data = bool(resumed_hparams) and _keep_resumed_scales(model_kwargs, resumed_hparams, info, echo)
     model = cls(**_accepted_kwargs(cls, model_kwargs))
     if cfg.trainer.compile:
-        on_ipu_ = trainer_opts.get("accelerator") == "ipu"
-        if on_ipu_ and cfg.trainer.compile is True:
+        if accel == "ipu" and cfg.trainer.compile is True:
             raise UsageError("trainer.compile is for cpu and gpu; on an IPU PopTorch compiles the step itself "
                              "(use compile: auto or false)")
-        if on_ipu_:
+        if accel == "gpu" and static_k and cfg.trainer.compile is True:
+            raise UsageError("trainer.compile and static-graph mode exclude each other on a GPU (the whole step is "
+                             "one CUDA graph); use compile: auto or false, or static_graph: false")
+        if accel == "ipu":
             echo("compile: auto is off on the IPU (PopTorch compiles the step itself)")
+        elif accel == "gpu" and static_k:
+            echo("compile: auto is off in static-graph mode (the whole step is one CUDA graph)")
         else:
             echo("torch.compile: the first training and validation steps compile the network (about a minute)")
             model.compile_network(True, echo)
+    if static_k:
+        if accel == "gpu":
+            echo(f"static graph: each training step (forward, loss, backward, Adam) is captured in a CUDA graph, "
+                 f"{static_k} optimizer step{'s' if static_k > 1 else ''} per replay")
+        model.enable_static_graph(static_k, echo)
 
     from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
@@ -415,15 +439,15 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     # the metric that picks best.ckpt and stops early: the model's choice, except on the IPU,
     # where only the loss leaves the compiled step
-    monitor = "val_loss" if trainer_opts.get("accelerator") == "ipu" else model.monitor
+    monitor = "val_loss" if accel == "ipu" else model.monitor
     checkpoint_cb = ModelCheckpoint(dirpath=str(ckpt_dir),  # a str: a Path would make the checkpoint unsafe to load on PL 2.0.9
                                     filename="best", monitor=monitor, mode="min",
                                     save_last=False, save_top_k=1)  # last.ckpt: _run_state_callback
     sampler = dm.train_sampler
     if resume_state is not None:
         done = int(resume_state.get("batches_in_epoch", 0) or 0)
-        per_epoch = dm.train_size // cfg.data.batch_size
-        sampler.skip = done * cfg.data.batch_size if 0 < done < per_epoch else 0
+        per_epoch = dm.train_size // dm.train_batch_size
+        sampler.skip = done * dm.train_batch_size if 0 < done < per_epoch else 0
         resume_state["batches_in_epoch"] = done if 0 < done < per_epoch else 0
     run_state = _run_state_callback(last, cfg.trainer.checkpoint_every_n_steps, restore=resume_state)
     callbacks = [checkpoint_cb, _provenance_callback(kind, cfg.trainer.seed, config_yaml), run_state]
@@ -463,6 +487,7 @@ def fit(
             trainer.fit(model, datamodule=dm, ckpt_path=str(last) if resume else None)
     finally:
         model.compile_network(False)  # calibration and prediction below run eager (other shapes, no grad)
+        model.disable_static_graph()
         if earlier_rows:
             _merge_resumed_log(metrics_csv, earlier_rows)
     if trainer.interrupted:
@@ -532,12 +557,48 @@ def _forget_best_callback(checkpoint_cb):
     return ForgetBest()
 
 
+def _static_graph_steps(cfg: FitConfig, accel: str, lr_schedule: str, echo) -> int:
+    """Optimizer steps per Lightning step in static-graph mode (cosmolit.backends.static), 0 when off.
+
+    auto: on for one GPU at 32-true precision with a constant learning rate (CUDA graphs take the
+    per-step launch and Python overhead out of the small steps of these networks), off on a CPU and on
+    an IPU (where PopTorch runs every step as one static graph itself). true on a CPU trains eager
+    steps after one line saying so (the code path of a GPU, without the capture)."""
+    t = cfg.trainer
+    if accel == "ipu":
+        if t.static_graph is True:
+            raise UsageError("static_graph is for gpu; on an IPU PopTorch runs every step as one static graph "
+                             "itself (use static_graph: auto or false)")
+        return 0
+    on = t.static_graph is True or (t.static_graph == "auto" and accel == "gpu")
+    conflicts = [what for what, bad in ((f"devices {t.devices} (one GPU only)", t.devices > 1),
+                                        (f"precision {t.precision} (32-true only)", t.precision not in ("32-true", "32")),
+                                        (f"lr_schedule {lr_schedule} (constant only)", lr_schedule != "constant"))
+                 if bad]
+    if on and conflicts:
+        if t.static_graph is True:
+            raise UsageError("static_graph: true does not go with " + "; ".join(conflicts))
+        echo("static_graph: auto is off here: " + "; ".join(conflicts))
+        on = False
+    if not on and t.device_iterations > 1:
+        raise UsageError(f"device_iterations {t.device_iterations} needs an IPU or static-graph mode (a CUDA GPU, or "
+                         "static_graph: true); use device_iterations: 1")
+    return t.device_iterations if on else 0
+
+
 def _trainer_options(cfg: FitConfig, echo) -> dict:
     from cosmolit import backends
 
     ipu_opts = None
     accel = backends.resolve_accelerator(cfg.trainer.accelerator)
     if accel == "ipu":
-        ipu_opts = from_dict(backends.IPUOptions, cfg.ipu, "config.ipu")
+        ipu = dict(cfg.ipu)
+        k = cfg.trainer.device_iterations
+        if k != 1 and ipu.get("device_iterations", 1) not in (1, k):
+            raise UsageError(f"device_iterations is given twice ({k} in trainer, {ipu['device_iterations']} in ipu); "
+                             "keep trainer.device_iterations")
+        if k != 1:
+            ipu["device_iterations"] = k
+        ipu_opts = from_dict(backends.IPUOptions, ipu, "config.ipu")
     return backends.trainer_kwargs(accel, cfg.trainer.devices, cfg.trainer.precision, cfg.trainer.seed,
                                    ipu=ipu_opts, echo=echo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -218,6 +219,22 @@ def test_static_train_step_falls_back_on_cpu():
     assert float(loss_fn(xs[0], ys[0])) < before  # it trained: 60 Adam steps
     with pytest.raises(ValueError, match="differ"):
         step.run(xs[:2], ys[:2])
+    # a loss_fn that reports parts: run returns each averaged over the K steps, detached
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (loading alone would share the moments)
+    terms = lambda m: lambda x, y: {"loss": ((m(x) - y) ** 2).mean(), "mae": (m(x) - y).abs().mean()}  # noqa: E731
+    out = StaticTrainStep(model, terms(model), opt, (xs, ys), echo=None).run(xs, ys)
+    expected = {"loss": 0.0, "mae": 0.0}
+    for k in range(3):
+        twin_opt.zero_grad()
+        t = terms(twin)(xs[k], ys[k])
+        t["loss"].backward()
+        twin_opt.step()
+        expected = {name: expected[name] + float(t[name]) / 3 for name in expected}
+    assert set(out) == {"loss", "mae"} and not out["loss"].requires_grad
+    assert {name: float(v) for name, v in out.items()} == pytest.approx(expected, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
     call = StaticCall(lambda a: a * 2, (torch.ones(3),), echo=messages.append)
     assert not call.static and torch.equal(call(torch.arange(3.0)), torch.tensor([0.0, 2.0, 4.0]))
 
@@ -243,6 +260,25 @@ def test_bench_train_modes_with_toy_model():
         assert r["seconds_per_100_epochs"] == pytest.approx(r["step_time"]["median"] * 8000 / 2 * 100)
         assert payload["environment"]["mode"] == mode and "hostname" not in payload["environment"]
     assert any("needs CUDA" in m for m in msgs)
+
+
+def test_bench_train_lightning_in_static_graph_mode_times_fits_step_per_optimizer_step():
+    """lightning mode with static_graph: `cosmolit fit`'s step on a GPU; on a CPU its eager fallback."""
+    from cosmolit.bench.results import validate
+    from cosmolit.bench.train import TrainBenchConfig, run_train_bench
+
+    with pytest.raises(ValueError, match="static_graph applies to mode lightning"):
+        TrainBenchConfig(mode="bare", static_graph=True)
+    msgs = []
+    cfg = TrainBenchConfig(batch_sizes=[2], steps=3, warmup_steps=1, pool=8, threads=1, static_graph=True,
+                           device_iterations=2, stamp=16, bands="gri")
+    payload = run_train_bench(cfg, echo=msgs.append, progress=False)
+    validate(payload)
+    row = payload["results"][0]
+    assert row["device_iterations"] == 2 and row["steps_timed"] == 3  # 3 timed calls of 2 optimizer steps
+    assert row["static"] is False and row["static_reason"] == "no CUDA device"
+    assert "epoch_time" not in row  # the one epoch of a --steps run is cut short
+    assert any("static-graph mode unavailable" in m for m in msgs)
 
 
 def test_bench_generate_with_toy_decoder():

@@ -227,8 +227,10 @@ def test_fit_real_models_through_cli(fake_poptorch, kind, synthetic_small_h5, tm
     from cosmolit.cli import app
 
     out = tmp_path / f"fit_{kind}"
+    k = 2 if kind == "cnn" else 1  # trainer.device_iterations is PopTorch's device iterations on an IPU
     result = CliRunner().invoke(app, ["fit", "--model", kind, "--data", str(synthetic_small_h5), "--accelerator", "ipu",
-                                      "--epochs", "1", "--batch-size", "4", "--out", str(out), "--quiet"])
+                                      "--epochs", "1", "--batch-size", "4", "--device-iterations", str(k),
+                                      "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert "ipu x1" in result.output
+    assert "ipu x1" in result.output and f"device_iterations {k}," in result.output
     assert (out / "model.ckpt").exists()

@@ -66,25 +66,29 @@ def _assert_same(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("signum, code, step", [(signal.SIGTERM, 143, 5), (signal.SIGINT, 130, 12)])
+# the third case: static-graph mode (eager on a CPU), 3 batches per Lightning step, cut mid-epoch
+@pytest.mark.parametrize("signum, code, step, extra", [
+    (signal.SIGTERM, 143, 5, ()), (signal.SIGINT, 130, 12, ()),
+    (signal.SIGTERM, 143, 4, ("--static-graph", "--device-iterations", "3")),
+])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, config, synthetic_small_h5, monkeypatch,
-                                                      signum, code, step):
+                                                      signum, code, step, extra):
     runner = CliRunner()
     full = tmp_path / "full"
-    res = runner.invoke(app, _fit_args(synthetic_small_h5, full, config))
+    res = runner.invoke(app, _fit_args(synthetic_small_h5, full, config, extra))
     assert res.exit_code == 0, res.output
 
     cut = tmp_path / "cut"
     with monkeypatch.context() as m:
         _interrupt_at(m, step, signum)
-        res = runner.invoke(app, _fit_args(synthetic_small_h5, cut, config))
+        res = runner.invoke(app, _fit_args(synthetic_small_h5, cut, config, extra))
     assert res.exit_code == code, res.output
     assert "--resume" in res.output and "Traceback" not in res.output
     last = read_checkpoint(cut / "checkpoints" / "last.ckpt")
     assert last["global_step"] == step  # at most the current step is lost: none here
     assert not (cut / "model.ckpt").exists()
 
-    res = runner.invoke(app, _fit_args(synthetic_small_h5, cut, config, ["--resume"]))
+    res = runner.invoke(app, _fit_args(synthetic_small_h5, cut, config, [*extra, "--resume"]))
     assert res.exit_code == 0, res.output
     _assert_same(_weights(full / "checkpoints" / "last.ckpt"), _weights(cut / "checkpoints" / "last.ckpt"))
     import pytorch_lightning as pl

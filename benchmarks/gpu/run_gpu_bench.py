@@ -2,7 +2,8 @@
 
     python benchmarks/gpu/run_gpu_bench.py --out OUT [--quick] [--budget 450]
 
-Writes into OUT: train_cnn_<mode>.json, train_bnn_<mode>.json, generate_<mode>.json,
+Writes into OUT: train_cnn_<mode>.json, train_bnn_<mode>.json (modes: static = bare loop in a CUDA
+graph, lightning_static = `cosmolit fit`'s default step on a GPU, lightning = Lightning's eager step, ...), generate_<mode>.json,
 overhead.json (schema cosmolit-bench/1), the comparison figures train_cnn.png, train_bnn.png,
 generate.png (beside the study's V100 / GC2 numbers), summary.md (goals on one H200), and
 errors.txt when a part failed (the other parts still run). Parts are run cheapest-first and
@@ -71,16 +72,18 @@ def main(argv=None) -> int:
             errors.append(f"{name}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
 
-    def train(model, mode, batches, k=1, compile_=False):
+    def train(model, mode, batches, k=1, compile_=False, static_graph=False):
         cfg = TrainBenchConfig(model=model, accelerator="gpu", batch_sizes=batches, steps=steps,
-                               warmup_steps=5, mode=mode, device_iterations=k,
+                               warmup_steps=5, mode=mode, device_iterations=k, static_graph=static_graph,
                                loss="mse" if model == "cnn" else None, pool=256, compile=compile_)
-        label = (f"cosmolit {torch.cuda.get_device_name(0)} {mode}" + (f" K={k}" if k > 1 else "")
-                 + (" compiled" if compile_ else ""))
+        label = (f"cosmolit {torch.cuda.get_device_name(0)} {mode}" + (" static graph" if static_graph else "")
+                 + (f" K={k}" if k > 1 else "") + (" compiled" if compile_ else ""))
         return run_train_bench(cfg, progress=False, label=label)
 
     part("train_cnn_static", lambda: train("cnn", "static", cnn_b, args.device_iterations))
-    part("train_cnn_lightning", lambda: train("cnn", "lightning", cnn_b))
+    # `cosmolit fit`'s step on one GPU (static_graph: auto), K optimizer steps per Lightning step
+    part("train_cnn_lightning_static", lambda: train("cnn", "lightning", cnn_b, args.device_iterations,
+                                                     static_graph=True))
     part("generate_static", lambda: run_generate_bench(
         GenerateBenchConfig(accelerator="gpu", n=GEN_N if not args.quick else [1, 1000], repeats=5, mode="static"),
         progress=False, label="cosmolit GPU static"))
@@ -88,6 +91,9 @@ def main(argv=None) -> int:
         GenerateBenchConfig(accelerator="gpu", n=GEN_N if not args.quick else [1, 1000], repeats=5, mode="eager"),
         progress=False, label="cosmolit GPU eager"))
     part("train_bnn_static", lambda: train("bnn", "static", bnn_b, args.device_iterations))
+    part("train_bnn_lightning_static", lambda: train("bnn", "lightning", bnn_b, args.device_iterations,
+                                                     static_graph=True))
+    part("train_cnn_lightning", lambda: train("cnn", "lightning", cnn_b))
     part("train_bnn_lightning", lambda: train("bnn", "lightning", bnn_b))
     part("train_cnn_static_k1", lambda: train("cnn", "static", [2, 12] if not args.quick else [2], 1))
     part("train_cnn_bare", lambda: train("cnn", "bare", [2, 12] if not args.quick else [2]))
@@ -100,9 +106,9 @@ def main(argv=None) -> int:
 
     from cosmolit.bench.plot import plot_results
 
-    for fig, names in (("train_cnn", ["train_cnn_static", "train_cnn_lightning", "train_cnn_static_k1",
-                                      "train_cnn_bare", "train_cnn_lightning_compile"]),
-                       ("train_bnn", ["train_bnn_static", "train_bnn_lightning"]),
+    for fig, names in (("train_cnn", ["train_cnn_static", "train_cnn_lightning_static", "train_cnn_lightning",
+                                      "train_cnn_static_k1", "train_cnn_bare", "train_cnn_lightning_compile"]),
+                       ("train_bnn", ["train_bnn_static", "train_bnn_lightning_static", "train_bnn_lightning"]),
                        ("generate", ["generate_static", "generate_eager"])):
         files = [done[n] for n in names if n in done]
         if files:

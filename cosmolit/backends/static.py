@@ -22,8 +22,9 @@ Where capture is impossible (no CUDA, an operation that synchronises with the ho
 `.item()`, data-dependent shapes) the classes fall back to eager execution and say why in
 one line through `echo`; results stay correct, only slower.
 
-Note: the warm-up iterations are real optimizer steps on the first block; for timing that
-does not matter, for training it means K x warmup extra steps.
+The warm-up iterations are real optimizer steps on the first block; their effect is undone
+before capture (parameters, buffers such as BatchNorm statistics, optimizer state and the CUDA
+random state are put back in place), so a captured run trains exactly the steps it is given.
 """
 
 from __future__ import annotations
@@ -55,13 +56,15 @@ class StaticTrainStep:
     """Run K training steps per call, captured in one CUDA graph on a GPU, eager elsewhere.
 
     model:      nn.Module (a LightningModule is fine) already on its device, in train mode.
-    loss_fn:    loss_fn(*batch) -> scalar loss; must not call .item() or log.
+    loss_fn:    loss_fn(*batch) -> scalar loss, or a dict of scalar tensors with the loss under
+                'loss' (other entries are reported, not differentiated); must not call .item() or log.
     optimizer:  a torch optimizer over the model's parameters (Adam gets capturable=True here).
     example_block: tensors of shape (K, B, ...) on the device: K = device_iterations batches.
     echo:       where the one-line fallback message goes (print by default, None for silence).
 
-    Call `run(*block)` with tensors of the same shapes; returns the loss of the last step
-    (a device tensor: reading it synchronises).
+    Call `run(*block)` with tensors of the same shapes; returns what loss_fn returns, averaged over
+    the K steps and detached (device tensors: reading them synchronises; on a GPU they are the
+    graph's output buffers, overwritten by the next call).
     """
 
     def __init__(self, model, loss_fn: LossFn, optimizer, example_block: Sequence, warmup: int = 3,
@@ -80,7 +83,7 @@ class StaticTrainStep:
             raise ValueError("every tensor of the block needs the same leading dimension K")
         self.graph = None
         self.static_block = None
-        self.static_loss = None
+        self.static_out = None
         self.reason: str | None = None
         ok, why = cuda_graphs_available()
         device = next(iter(model.parameters())).device
@@ -115,27 +118,58 @@ class StaticTrainStep:
                 for p in group["params"]:
                     if p.grad is not None:
                         p.grad.zero_()
-        loss = self.loss_fn(*batch)
+        out = self.loss_fn(*batch)
+        loss = out["loss"] if isinstance(out, dict) else out
         loss.backward()
         self.optimizer.step()
-        return loss
+        return out
 
     def _block_steps(self, block, capture: bool):
-        loss = None
+        """K steps; returns loss_fn's output averaged over them, detached."""
+        total = None
         for k in range(self.device_iterations):
             batch = tuple(t[k] for t in block)  # each (B, ...)
-            if capture:
-                loss = self._one_step(batch, first=(k == 0))
-            else:
+            if not capture:
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self._one_step(batch, first=True)
-        return loss
+            out = self._one_step(batch, first=(k == 0 or not capture))
+            terms = out if isinstance(out, dict) else {"loss": out}
+            terms = {name: value.detach() for name, value in terms.items()}
+            total = terms if total is None else {name: total[name] + terms[name] for name in total}
+        if self.device_iterations > 1:
+            total = {name: value / self.device_iterations for name, value in total.items()}
+        return total if isinstance(out, dict) else total["loss"]
+
+    def _snapshot(self):
+        """Copies of what a step changes: parameters, buffers, optimizer state, CUDA random state."""
+        import torch
+
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        state = {id(p): {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+                 for p, s in self.optimizer.state.items()}
+        return tensors, [t.detach().clone() for t in tensors], state, torch.cuda.get_rng_state()
+
+    def _restore(self, snapshot) -> None:
+        """Put the snapshot's values back into the same tensors (the graph will address them);
+        optimizer state created since then is reset to zeros, as a fresh Adam state is."""
+        import torch
+
+        tensors, values, state, rng = snapshot
+        with torch.no_grad():
+            for t, v in zip(tensors, values):
+                t.copy_(v)
+            for p, s in self.optimizer.state.items():
+                before = state.get(id(p), {})
+                for k, v in s.items():
+                    if isinstance(v, torch.Tensor):
+                        v.copy_(before[k]) if k in before else v.zero_()
+        torch.cuda.set_rng_state(rng)
 
     def _capture(self, example_block) -> None:
         import torch
 
         make_capturable(self.optimizer)
         self.static_block = [t.clone() for t in example_block]  # (K, B, ...) static input buffers
+        snapshot = self._snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -143,15 +177,17 @@ class StaticTrainStep:
                 self._block_steps(self.static_block, capture=False)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+        self._restore(snapshot)
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
-            self.static_loss = self._block_steps(self.static_block, capture=True)
+            self.static_out = self._block_steps(self.static_block, capture=True)
         torch.cuda.synchronize()
         self.graph = graph
 
     def run(self, *block):
-        """K optimizer steps on a block of K batches (tensors (K, B, ...)); returns the last loss."""
+        """K optimizer steps on a block of K batches (tensors (K, B, ...)); returns loss_fn's output
+        averaged over the K steps."""
         if [tuple(t.shape) for t in block] != self.block_shapes:
             raise ValueError(f"block shapes {[tuple(t.shape) for t in block]} differ from the captured "
                              f"{self.block_shapes}")
@@ -159,7 +195,7 @@ class StaticTrainStep:
             for buf, t in zip(self.static_block, block):
                 buf.copy_(t, non_blocking=True)
             self.graph.replay()
-            return self.static_loss
+            return self.static_out
         return self._block_steps(block, capture=False)
 
 

@@ -46,7 +46,8 @@ class TrainBenchConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model's network (compile_network), falls back to eager
     precision: str = "32-true"
-    device_iterations: int = 1  # static / ipu: optimizer steps per host call
+    device_iterations: int = 1  # static / static_graph / ipu: optimizer steps per host call
+    static_graph: bool = False  # lightning mode: the step of `cosmolit fit` in static-graph mode (CUDA graph)
     pool: int = 256  # distinct synthetic stamps
     seed: int = 0
     bands: str = "ugrizy"
@@ -77,6 +78,10 @@ class TrainBenchConfig:
         for name in ("epoch_images", "device_iterations", "pool", "stamp"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.static_graph and self.mode != "lightning":
+            raise ValueError("static_graph applies to mode lightning (mode static is the bare loop's CUDA graph)")
+        if self.static_graph and self.precision not in ("32-true", "32"):
+            raise ValueError(f"static_graph runs 32-true only, not precision {self.precision!r}")
         if self.mode != "lightning" and self.precision not in ("32-true", "32"):
             raise ValueError(f"precision {self.precision!r} is available in lightning mode only; bare and static "
                              "modes run 32-true")
@@ -90,6 +95,14 @@ class TrainBenchConfig:
             raise ValueError("on ipu only mode lightning exists (PopTorch compiles the step itself)")
         if self.compile:
             raise ValueError("compile is for cpu and gpu; on ipu PopTorch compiles the step itself")
+        if self.static_graph:
+            raise ValueError("static_graph is for gpu; on ipu PopTorch runs the step as one static graph itself")
+
+    @property
+    def steps_per_call(self) -> int:
+        """Optimizer steps per timed call: device_iterations where a call runs several, else 1."""
+        several = self.mode == "static" or self.static_graph or self.accelerator == "ipu"
+        return self.device_iterations if several else 1
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -234,7 +247,9 @@ def _time_lightning(model, cfg: TrainBenchConfig, batch: int, x, y, echo) -> dic
     from cosmolit.backends import IPUOptions, trainer_kwargs
     from cosmolit.bench.callbacks import TimingCallback
 
-    k = cfg.device_iterations if cfg.accelerator == "ipu" else 1
+    k = cfg.steps_per_call
+    if cfg.static_graph:
+        model.enable_static_graph(k, echo)
     if cfg.epochs:
         length = cfg.epoch_images
         limits = {"max_epochs": cfg.warmup_epochs + cfg.epochs}
@@ -365,8 +380,8 @@ def time_training_raw(cfg: TrainBenchConfig, batch: int, echo: Callable[[str], N
         model = model.to(memory_format=torch.channels_last)
     x, y = synthetic_pool(cfg.pool, len(cfg.bands), cfg.stamp, _n_targets(model), cfg.seed)
     if cfg.compile:
-        if cfg.mode == "static" and device.type == "cuda":
-            echo("--compile is ignored in static mode on a GPU: the step is captured in a CUDA graph")
+        if (cfg.mode == "static" or cfg.static_graph) and device.type == "cuda":
+            echo("--compile is ignored in static-graph mode on a GPU: the step is captured in a CUDA graph")
         else:
             compile_model(model, echo)
     if cfg.mode == "lightning":
@@ -378,16 +393,19 @@ def time_training_raw(cfg: TrainBenchConfig, batch: int, echo: Callable[[str], N
     step = timing["step"]
     if step["n"] == 0:
         raise UsageError(f"batch {batch}: no step was timed after the warm-up; raise --steps or --epochs")
-    k = cfg.device_iterations if cfg.mode == "static" or cfg.accelerator == "ipu" else 1
+    k = cfg.steps_per_call
     row = {"model": cfg.model, "batch_size": int(batch), "mode": cfg.mode, "step_time": step,
            "images_per_second": images_per_second(step["median"], batch),
            "seconds_per_100_epochs": study_seconds(step["median"], batch),
            "steps_timed": step["n"], "warmup_steps": cfg.warmup_steps if not cfg.epochs else None,
            "device_iterations": k}
-    if timing["epoch"]["n"]:
+    if cfg.epochs and timing["epoch"]["n"]:  # (with --steps the one epoch is cut short: no figure)
         row["epoch_time"] = timing["epoch"]
         row["measured_seconds_per_100_epochs"] = timing["epoch"]["median"] * 100 * 8000 / cfg.epoch_images
     row["compile"] = compile_status(model)
+    if cfg.static_graph:
+        state, why = model.static_graph_status()
+        timing.update(static=state == "on", static_reason=why)
     for key in ("static", "static_reason"):
         if key in timing:
             row[key] = timing[key]

@@ -54,7 +54,8 @@ def train_cmd(
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the network, as fit --compile (falls back to eager)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="32-true, bf16-mixed, 16-mixed (lightning mode)."),
-    device_iterations: Optional[int] = typer.Option(None, "--device-iterations", help="Steps per host call (static, ipu)."),
+    device_iterations: Optional[int] = typer.Option(None, "--device-iterations", help="Steps per host call (static, static graph, ipu)."),
+    static_graph: Optional[bool] = typer.Option(None, "--static-graph/--no-static-graph", help="lightning mode: fit's step captured in a CUDA graph (gpu)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     label: Optional[str] = typer.Option(None, "--label", help="Legend of this run in plots."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
@@ -76,6 +77,7 @@ def train_cmd(
         "epoch_images": epoch_images, "mode": mode, "loss": loss, "threads": threads,
         "interop_threads": interop_threads, "channels_last": channels_last, "compile": compile_,
         "precision": precision, "device_iterations": device_iterations, "seed": seed,
+        "static_graph": static_graph,
     }
     cfg = _section(config, "train", TrainBenchConfig, overrides)
     if epochs is not None:

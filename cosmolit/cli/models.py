@@ -33,6 +33,8 @@ def fit_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights init, shuffling and sampling."),
     early_stopping: Optional[int] = typer.Option(None, "--early-stopping", help="Stop after N epochs without val_loss improvement."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the network (cpu, gpu; not ipu): 1.2x to 1.5x faster CPU steps."),
+    static_graph: Optional[bool] = typer.Option(None, "--static-graph/--no-static-graph", help="Capture each training step in a CUDA graph (default: on for one GPU at 32-true)."),
+    device_iterations: Optional[int] = typer.Option(None, "--device-iterations", help="Optimizer steps per host call (ipu; gpu in static-graph mode)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.ckpt."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -46,10 +48,12 @@ def fit_cmd(
     _positive(batch_size, "--batch-size")
     _positive(epochs, "--epochs")
     _positive(devices, "--devices")
+    _positive(device_iterations, "--device-iterations")
     overrides = {
         "data": {"batch_size": batch_size},
         "trainer": {"accelerator": accelerator, "devices": devices, "epochs": epochs, "precision": precision,
-                    "seed": seed, "early_stopping_patience": early_stopping, "compile": compile_},
+                    "seed": seed, "early_stopping_patience": early_stopping, "compile": compile_,
+                    "static_graph": static_graph, "device_iterations": device_iterations},
     }
     result = fit(model, data, out, config=config, overrides=overrides, resume=resume, force=force,
                  progress=not quiet, echo=typer.echo)

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import pytorch_lightning as pl
 import torch
 
-from cosmolit.backends import make_adam, on_ipu
+from cosmolit.backends import make_adam, mark_loss, on_ipu
 from cosmolit.backends.compiling import CompiledApart, CompiledCall
 from cosmolit.errors import UsageError
 from cosmolit.nn.trunk import PRELU_KINDS
@@ -190,6 +190,79 @@ class CosmolitModule(pl.LightningModule):
             return "off"
         return next((s for s in ("unavailable", "failed") if any(c.status == s for c in calls)), "on")
 
+    # ------------------------------------------------------------------ steps
+    def batch_terms(self, batch) -> dict[str, torch.Tensor]:
+        """The loss of one batch under 'loss', and the scalar parts a model reports beside it
+        (graph-safe: no host synchronisation). Each model defines it."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        if self._static is not None:
+            return self._static_training_step(batch)
+        terms = dict(self.batch_terms(batch))
+        return self.step_output("train", mark_loss(self, terms.pop("loss")), **terms)
+
+    def validation_step(self, batch, batch_idx):
+        terms = dict(self.batch_terms(batch))
+        return self.step_output("val", terms.pop("loss"), **terms)
+
+    # ------------------------------------------------------------------ static-graph mode (GPU)
+    _static: Optional[dict] = None
+
+    def enable_static_graph(self, device_iterations: int = 1, echo=print) -> None:
+        """Train with whole steps captured in a CUDA graph (cosmolit.backends.static), K =
+        `device_iterations` optimizer steps per Lightning step: each training batch holds K
+        batches one after another (K x batch_size stamps), as on an IPU. The step then optimizes
+        by itself (Lightning's manual optimization). Without CUDA, or where capture fails, the K
+        steps run eager, with one line through `echo`. `disable_static_graph` goes back."""
+        if int(device_iterations) < 1:
+            raise UsageError(f"device_iterations must be a positive integer, got {device_iterations}")
+        if self.hparams.get("lr_schedule", "constant") != "constant":
+            raise UsageError("static-graph mode needs lr_schedule: constant (a captured step keeps the learning "
+                             "rate it was captured with)")
+        self.automatic_optimization = False
+        self._static = {"k": int(device_iterations), "echo": echo, "runner": None}
+
+    def disable_static_graph(self) -> None:
+        self._static = None
+        self.automatic_optimization = True
+
+    def static_graph_status(self) -> tuple[str, Optional[str]]:
+        """(state, why not captured): state 'off', 'pending' (before the first training step), 'on'
+        (steps replay a CUDA graph) or 'eager' (static-graph mode without a graph, for the reason given)."""
+        if self._static is None:
+            return "off", None
+        runner = self._static["runner"]
+        if runner is None:
+            return "pending", None
+        return ("on", None) if runner.static else ("eager", runner.reason)
+
+    def on_train_start(self) -> None:
+        if self._static is not None:
+            self._static["runner"] = None  # capture again for this fit: the optimizer is new
+
+    def _static_training_step(self, batch):
+        from cosmolit.backends.static import StaticTrainStep
+
+        k = self._static["k"]
+        tensors = list(batch) if isinstance(batch, (tuple, list)) else [batch]
+        if tensors[0].shape[0] % k:
+            raise UsageError(f"a training batch of {tensors[0].shape[0]} stamps does not split into "
+                             f"device_iterations={k} equal batches")
+        block = [t.reshape(k, t.shape[0] // k, *t.shape[1:]) for t in tensors]  # (K, B, ...)
+        optimizer = self.optimizers()
+        if self._static["runner"] is None:
+            self._static["runner"] = StaticTrainStep(
+                self, lambda *b: self.batch_terms(b), getattr(optimizer, "optimizer", optimizer), block,
+                echo=self._static["echo"])
+        # Lightning counts the optimizer steps of a manual step through these two hooks of its
+        # optimizer wrapper; one Lightning step (K optimizer steps) counts once, as on an IPU
+        getattr(optimizer, "_on_before_step", lambda: None)()
+        terms = {name: value.clone() for name, value in self._static["runner"].run(*block).items()}
+        out = self.step_output("train", terms.pop("loss"), **terms)
+        getattr(optimizer, "_on_after_step", lambda: None)()
+        return out
+
     # ------------------------------------------------------------------ logging
     monitor = "val_loss"  # see the module docstring
 
@@ -234,8 +307,10 @@ class CosmolitModule(pl.LightningModule):
             outputs = {"loss": outputs}
         store = self._step_values[stage]
         for name, value in outputs.items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                store.setdefault(name, []).append(value.detach().reshape(()).float())
+            # one value per batch; an IPU step over device_iterations batches returns one value each
+            # at inference (PopTorch's default output mode), so a step's output may hold several
+            if isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel() >= 1:
+                store.setdefault(name, []).append(value.detach().reshape(-1).float())
 
     def _log_means(self, stage: str) -> None:
         store = self._step_values[stage]
@@ -243,7 +318,7 @@ class CosmolitModule(pl.LightningModule):
             if not values:
                 continue
             key = f"{stage}_{name}" + ("_epoch" if stage == "train" else "")
-            self.log(key, torch.stack(values).mean(), on_step=False, on_epoch=True, prog_bar=(key == "val_loss"))
+            self.log(key, torch.cat(values).mean(), on_step=False, on_epoch=True, prog_bar=(key == "val_loss"))
         self._step_values[stage] = {}
 
     def on_train_epoch_start(self) -> None:

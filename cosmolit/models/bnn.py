@@ -39,7 +39,6 @@ from pyro import poutine
 from torch.distributions import register_kl
 from torch.func import functional_call, vmap
 
-from cosmolit.backends import mark_loss
 from cosmolit.models.base import CosmolitModule, check_network_hparams
 from cosmolit.nn.bayes import (MeanFieldWeights, build_shape_net, kl_sum, normal_kl_zero_mean, run_shape_net,
                                strip_weights)
@@ -254,15 +253,9 @@ class BayesianShapeCNN(CosmolitModule):
         return {"mean": res["mean"], "cov": res["total_cov"], "aleatoric_cov": res["aleatoric_cov"],
                 "epistemic_cov": res["epistemic_cov"]}
 
-    def training_step(self, batch, batch_idx):
+    def batch_terms(self, batch) -> dict[str, torch.Tensor]:
         x, y = batch  # (B, C, H, W), (B, T)
-        terms = self.elbo_terms(x, y)
-        return self.step_output("train", mark_loss(self, terms["loss"]), nll=terms["nll"], kl=terms["kl"], mse=terms["mse"])
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        terms = self.elbo_terms(x, y)
-        return self.step_output("val", terms["loss"], nll=terms["nll"], kl=terms["kl"], mse=terms["mse"])
+        return self.elbo_terms(x, y)
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

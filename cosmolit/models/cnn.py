@@ -19,7 +19,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from cosmolit.backends import mark_loss
 from cosmolit.errors import UsageError
 from cosmolit.models.base import CosmolitModule, check_network_hparams
 from cosmolit.models.targets import (CPU_CHUNK, N_SYMMETRIES, TargetTransform, check_shape_hparams, default_calibrate,
@@ -131,15 +130,9 @@ class ShapeCNN(CosmolitModule):
         """Scalar training loss (see loss_terms)."""
         return self.loss_terms(x, y)["loss"]
 
-    def training_step(self, batch, batch_idx):
+    def batch_terms(self, batch) -> dict[str, torch.Tensor]:
         x, y = batch  # (B, C, H, W), (B, T)
-        terms = self.loss_terms(x, y)
-        return self.step_output("train", mark_loss(self, terms["loss"]), mse=terms["mse"])
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        terms = self.loss_terms(x, y)
-        return self.step_output("val", terms["loss"], mse=terms["mse"])
+        return self.loss_terms(x, y)
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosmolit.backends import make_adam, mark_loss
+from cosmolit.backends import make_adam
 from cosmolit.errors import UsageError
 from cosmolit.models.base import CosmolitModule, check_network_hparams
 from cosmolit.models.flow import LatentFlow
@@ -253,15 +253,9 @@ class GalaxyVAE(CosmolitModule):
             return x, target
         return batch, batch
 
-    def training_step(self, batch, batch_idx):
+    def batch_terms(self, batch) -> dict[str, torch.Tensor]:
         x, target = self._split(batch)  # (B, C, H, W) each
-        terms = self.loss_terms(x, target)
-        return self.step_output("train", mark_loss(self, terms["loss"]), rec=terms["rec"], kl=terms["kl"])
-
-    def validation_step(self, batch, batch_idx):
-        x, target = self._split(batch)
-        terms = self.loss_terms(x, target)
-        return self.step_output("val", terms["loss"], rec=terms["rec"], kl=terms["kl"])
+        return self.loss_terms(x, target)
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
         x, _ = self._split(batch)
