@@ -24,3 +24,5 @@ $C bench plot "$OUT/cnn_cpu.json" "$OUT/cnn_cpu_compile.json" --reference paper 
 $C bench plot "$OUT/gen_cpu.json" --reference paper --out "$OUT/gen_cpu.png" --force
 python benchmarks/bench_conv_wgrad.py --batch-sizes 2,8,32 --rounds 8 | tee "$OUT/conv_wgrad.txt"
 python benchmarks/bench_simulate.py --n 64 --repeats 3 --out "$OUT/simulate.json"
+# fit's step in static-graph mode (on a CPU its eager fallback) against Lightning's own step
+python benchmarks/bench_static_fit.py --batch-sizes 2,32 --k 1,8 --rounds 6 --out "$OUT/static_fit_cpu.json"

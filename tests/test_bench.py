@@ -239,6 +239,40 @@ def test_static_train_step_falls_back_on_cpu():
     assert not call.static and torch.equal(call(torch.arange(3.0)), torch.tensor([0.0, 2.0, 4.0]))
 
 
+def test_static_train_step_undoes_its_warm_up(monkeypatch):
+    """What capture's warm-up steps change (weights, BatchNorm statistics, Adam moments, random state)
+    is put back into the same tensors: the snapshot / restore pair, run here on CPU tensors."""
+    from cosmolit.backends.static import StaticTrainStep
+
+    rng = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: rng["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: rng.update(state=s))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xs, ys = torch.randn(2, 16, 5), torch.randn(2, 16, 1)
+    step = StaticTrainStep(model, lambda x, y: ((model(x) - y) ** 2).mean(), opt, (xs, ys), echo=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    addresses = [t.data_ptr() for t in model.state_dict().values()]
+    snapshot = step._snapshot()
+    step.run(xs, ys)  # two Adam steps: weights, running stats and moments move
+    rng["state"] = torch.tensor([9, 9, 9], dtype=torch.uint8)
+    assert not torch.equal(model.state_dict()["1.running_mean"], before["1.running_mean"])
+    step._restore(snapshot)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert [t.data_ptr() for t in after.values()] == addresses  # the same memory: a graph addresses it
+    assert all(float(v.abs().sum()) == 0 for s in opt.state.values() for v in s.values())  # a fresh Adam state
+    assert torch.equal(rng["state"], torch.tensor([1, 2, 3], dtype=torch.uint8))
+    # moments that existed before the snapshot come back to their values, not to zero
+    step.run(xs, ys)
+    moments = {id(p): s["exp_avg"].clone() for p, s in opt.state.items()}
+    snapshot = step._snapshot()
+    step.run(xs, ys)
+    step._restore(snapshot)
+    assert all(torch.equal(s["exp_avg"], moments[id(p)]) for p, s in opt.state.items())
+
+
 def test_bench_train_modes_with_toy_model():
     from cosmolit.bench.results import validate
     from cosmolit.bench.train import TrainBenchConfig, run_train_bench

@@ -170,14 +170,16 @@ class StaticTrainStep:
         make_capturable(self.optimizer)
         self.static_block = [t.clone() for t in example_block]  # (K, B, ...) static input buffers
         snapshot = self._snapshot()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(max(1, self.warmup)):
-                self._block_steps(self.static_block, capture=False)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        self._restore(snapshot)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(max(1, self.warmup)):
+                    self._block_steps(self.static_block, capture=False)
+            torch.cuda.current_stream().wait_stream(side)
+        finally:  # also when a warm-up step fails: the eager fallback starts from the same state
+            torch.cuda.synchronize()
+            self._restore(snapshot)
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
