@@ -116,3 +116,33 @@ def test_a_module_in_static_graph_mode_refuses_a_batch_that_does_not_split(synth
         model.training_step((torch.zeros(8, 3, 32, 32), torch.zeros(8, 3)), 0)
     model.disable_static_graph()
     assert model.automatic_optimization and model.static_graph_status() == ("off", None)
+
+
+def test_checkpoints_of_a_captured_run_resume_on_a_cpu():
+    """Static-graph mode makes Adam capturable; torch's per-tensor Adam refuses that flag on a CPU.
+    The checkpoint keeps the plain flag, so its optimizer state steps on a CPU too."""
+    from cosmolit.backends.static import make_capturable
+    from cosmolit.models.cnn import ShapeCNN
+
+    model = ShapeCNN(filters=[4, 8], bands="gri", stamp=32)
+
+    def adam():
+        return torch.optim.Adam(model.parameters(), lr=1e-3)  # per-tensor form (the pinned stack's on a CPU)
+
+    def step(opt):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+
+    opt = adam()
+    step(opt)
+    make_capturable(opt)
+    checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()]}
+    model.on_save_checkpoint(checkpoint)
+    assert opt.param_groups[0]["capturable"]  # the live optimizer is untouched
+    with pytest.raises(AssertionError, match="capturable"):
+        step(opt)
+    fresh = adam()
+    fresh.load_state_dict(checkpoint["optimizer_states"][0])
+    assert fresh.param_groups[0]["capturable"] is False
+    step(fresh)

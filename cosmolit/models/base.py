@@ -182,6 +182,12 @@ class CosmolitModule(pl.LightningModule):
         for name, value in state.items():
             if isinstance(value, torch.Tensor) and not value.is_contiguous():
                 state[name] = value.contiguous()
+        # static-graph mode switches Adam to capturable (state on the GPU); torch refuses that flag
+        # on a CPU, so the file keeps the plain form and a resumed static run switches it back
+        for opt_state in checkpoint.get("optimizer_states", []):
+            for group in opt_state.get("param_groups", []):
+                if group.get("capturable"):
+                    group["capturable"] = False
 
     def compile_status(self) -> str:
         """'off', or the status of the compiled methods: 'on', 'failed' or 'unavailable' (the worst of them)."""
