@@ -273,6 +273,21 @@ def test_static_train_step_undoes_its_warm_up(monkeypatch):
     assert all(torch.equal(s["exp_avg"], moments[id(p)]) for p, s in opt.state.items())
 
 
+def test_a_failed_capture_names_the_error_of_the_captured_code():
+    from cosmolit.backends.static import capture_failure
+
+    try:
+        try:
+            raise RuntimeError("Cannot call CUDAGeneratorImpl::current_seed during CUDA graph capture\nmore")
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture")
+    except RuntimeError as exc:
+        ending = exc
+    assert capture_failure(ending) == ("CUDA graph capture failed (RuntimeError: Cannot call "
+                                       "CUDAGeneratorImpl::current_seed during CUDA graph capture)")
+    assert capture_failure(ValueError("")) == "CUDA graph capture failed (ValueError: ValueError)"
+
+
 def test_bench_train_modes_with_toy_model():
     from cosmolit.bench.results import validate
     from cosmolit.bench.train import TrainBenchConfig, run_train_bench

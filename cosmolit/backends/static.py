@@ -52,6 +52,29 @@ def make_capturable(optimizer) -> None:
             group["capturable"] = True
 
 
+def capturing(graph):
+    """torch.cuda.graph(graph) that restricts only this thread during capture: with DataLoader
+    workers a pin-memory thread allocates pinned host memory meanwhile, which the default ('global')
+    mode counts as a capture error."""
+    import inspect
+
+    import torch
+
+    if "capture_error_mode" in inspect.signature(torch.cuda.graph).parameters:
+        return torch.cuda.graph(graph, capture_error_mode="thread_local")
+    return torch.cuda.graph(graph)
+
+
+def capture_failure(exc: BaseException) -> str:
+    """The one-line reason for a failed capture. When the captured code failed, ending the capture
+    fails too and that second error hides the first: name the first."""
+    if exc.__context__ is not None and "captur" in str(exc).lower():
+        exc = exc.__context__
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"CUDA graph capture failed ({type(exc).__name__}: {first[:160]})"
+
+
 class StaticTrainStep:
     """Run K training steps per call, captured in one CUDA graph on a GPU, eager elsewhere.
 
@@ -101,8 +124,7 @@ class StaticTrainStep:
                 self.static_block = None
                 self.optimizer.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self.reason = f"CUDA graph capture failed ({type(exc).__name__}: {first[:160]})"
+                self.reason = capture_failure(exc)
         if self.reason is not None and echo is not None and enabled:
             echo(f"static-graph mode unavailable: {self.reason}; running eager steps instead")
 
@@ -182,7 +204,7 @@ class StaticTrainStep:
             self._restore(snapshot)
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
+        with capturing(graph):
             self.static_out = self._block_steps(self.static_block, capture=True)
         torch.cuda.synchronize()
         self.graph = graph
@@ -237,8 +259,7 @@ class StaticCall:
             except Exception as exc:
                 self.graph = None
                 torch.cuda.synchronize()
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self.reason = f"CUDA graph capture failed ({type(exc).__name__}: {first[:160]})"
+                self.reason = capture_failure(exc)
         if self.reason is not None and echo is not None and enabled:
             echo(f"static-graph mode unavailable: {self.reason}; running eager calls instead")
 
@@ -258,7 +279,7 @@ class StaticCall:
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with capturing(graph):
             self.static_out = self.fn(*self.static_inputs)
         torch.cuda.synchronize()
         self.graph = graph
