@@ -362,9 +362,14 @@ def fit(
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"folder {str(parent)!r} for the output is not writable")
 
+    import pytorch_lightning as pl
+
     from cosmolit.data import GalaxyDataModule
     from cosmolit.models import model_class
 
+    trainer_opts = _trainer_options(cfg, echo)
+    accel = trainer_opts.get("accelerator")
+    static_k = _static_graph_steps(cfg, accel, getattr(model_cfg, "lr_schedule", "constant"), echo)
     targets = list(getattr(model_cfg, "targets", []) or [])
     is_vae = kind == "vae"
     dm = GalaxyDataModule(
@@ -380,18 +385,12 @@ def fit(
         augment=cfg.data.augment,
         renoise=cfg.data.renoise,
         inputs="clean" if getattr(model_cfg, "inputs", "noisy") == "clean" else "images",
+        batches_per_step=max(static_k, 1),
     )
     dm.setup("fit")
     info = dm.info
     if info.height != info.width:
         raise UsageError(f"stamps must be square, got {info.height} x {info.width}")
-
-    import pytorch_lightning as pl
-
-    trainer_opts = _trainer_options(cfg, echo)
-    accel = trainer_opts.get("accelerator")
-    static_k = _static_graph_steps(cfg, accel, getattr(model_cfg, "lr_schedule", "constant"), echo)
-    dm.batches_per_step = max(static_k, 1)
     if dm.train_size < dm.train_batch_size:
         step = f"{dm.train_batch_size} ({static_k} x {cfg.data.batch_size})" if static_k > 1 else str(cfg.data.batch_size)
         raise UsageError(

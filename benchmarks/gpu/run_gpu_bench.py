@@ -2,9 +2,9 @@
 
     python benchmarks/gpu/run_gpu_bench.py --out OUT [--quick] [--budget 450]
 
-Writes into OUT: train_cnn_<mode>.json, train_bnn_<mode>.json (modes: static = bare loop in a CUDA
-graph, lightning_static = `cosmolit fit`'s default step on a GPU, lightning = Lightning's eager step, ...), generate_<mode>.json,
-overhead.json (schema cosmolit-bench/1), the comparison figures train_cnn.png, train_bnn.png,
+Writes into OUT: train_cnn_<mode>.json, train_bnn_<mode>.json (static: the bare loop in a CUDA graph;
+lightning_static: `cosmolit fit`'s default step on a GPU; lightning: Lightning's eager step; ...),
+generate_<mode>.json, overhead.json (schema cosmolit-bench/1), the comparison figures train_cnn.png, train_bnn.png,
 generate.png (beside the study's V100 / GC2 numbers), summary.md (goals on one H200), and
 errors.txt when a part failed (the other parts still run). Parts are run cheapest-first and
 skipped once the time budget is spent, so the run always ends with figures.
