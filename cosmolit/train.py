@@ -367,7 +367,7 @@ def fit(
     from cosmolit.data import GalaxyDataModule
     from cosmolit.models import model_class
 
-    trainer_opts = _trainer_options(cfg, echo)
+    trainer_opts, ipu_batches = _trainer_options(cfg, echo)
     accel = trainer_opts.get("accelerator")
     static_k = _static_graph_steps(cfg, accel, getattr(model_cfg, "lr_schedule", "constant"), echo)
     targets = list(getattr(model_cfg, "targets", []) or [])
@@ -391,11 +391,15 @@ def fit(
     info = dm.info
     if info.height != info.width:
         raise UsageError(f"stamps must be square, got {info.height} x {info.width}")
-    if dm.train_size < dm.train_batch_size:
-        step = f"{dm.train_batch_size} ({static_k} x {cfg.data.batch_size})" if static_k > 1 else str(cfg.data.batch_size)
+    # stamps one Lightning step takes: K batches in static-graph mode; on an IPU PopTorch's loader
+    # takes device_iterations x replicas x gradient_accumulation batches
+    batches = max(static_k, 1) * ipu_batches
+    step_stamps = batches * cfg.data.batch_size
+    if dm.train_size < step_stamps:
+        step = f"{step_stamps} ({batches} x {cfg.data.batch_size})" if batches > 1 else str(cfg.data.batch_size)
         raise UsageError(
-            f"the training split has {dm.train_size} stamps, fewer than one batch of {step}; "
-            "use a smaller --batch-size" + (" or device_iterations" if static_k > 1 else "") + " or more data"
+            f"the training split has {dm.train_size} stamps, fewer than the {step} one training step takes; "
+            "use a smaller --batch-size" + (" or device_iterations" if batches > 1 else "") + " or more data"
         )
     pl.seed_everything(cfg.trainer.seed, workers=True)
     cls = model_class(kind)
@@ -445,8 +449,8 @@ def fit(
     sampler = dm.train_sampler
     if resume_state is not None:
         done = int(resume_state.get("batches_in_epoch", 0) or 0)
-        per_epoch = dm.train_size // dm.train_batch_size
-        sampler.skip = done * dm.train_batch_size if 0 < done < per_epoch else 0
+        per_epoch = dm.train_size // step_stamps
+        sampler.skip = done * step_stamps if 0 < done < per_epoch else 0
         resume_state["batches_in_epoch"] = done if 0 < done < per_epoch else 0
     run_state = _run_state_callback(last, cfg.trainer.checkpoint_every_n_steps, restore=resume_state)
     callbacks = [checkpoint_cb, _provenance_callback(kind, cfg.trainer.seed, config_yaml), run_state]
@@ -585,7 +589,9 @@ def _static_graph_steps(cfg: FitConfig, accel: str, lr_schedule: str, echo) -> i
     return t.device_iterations if on else 0
 
 
-def _trainer_options(cfg: FitConfig, echo) -> dict:
+def _trainer_options(cfg: FitConfig, echo) -> tuple[dict, int]:
+    """pl.Trainer keyword arguments, and the batches one Lightning step takes on an IPU (device
+    iterations x replicas x gradient accumulation; 1 elsewhere)."""
     from cosmolit import backends
 
     ipu_opts = None
@@ -599,5 +605,8 @@ def _trainer_options(cfg: FitConfig, echo) -> dict:
         if k != 1:
             ipu["device_iterations"] = k
         ipu_opts = from_dict(backends.IPUOptions, ipu, "config.ipu")
-    return backends.trainer_kwargs(accel, cfg.trainer.devices, cfg.trainer.precision, cfg.trainer.seed,
+    opts = backends.trainer_kwargs(accel, cfg.trainer.devices, cfg.trainer.precision, cfg.trainer.seed,
                                    ipu=ipu_opts, echo=echo)
+    if accel != "ipu":
+        return opts, 1
+    return opts, ipu_opts.device_iterations * ipu_opts.gradient_accumulation * int(opts["devices"])

@@ -234,3 +234,37 @@ def test_fit_real_models_through_cli(fake_poptorch, kind, synthetic_small_h5, tm
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "ipu x1" in result.output and f"device_iterations {k}," in result.output
     assert (out / "model.ckpt").exists()
+
+
+def test_resumed_ipu_run_with_device_iterations_equals_uninterrupted(fake_poptorch, synthetic_small_h5, tmp_path,
+                                                                      monkeypatch, interrupt_at):
+    """One Lightning step on an IPU takes batch x device_iterations stamps: a resumed epoch skips that many
+    per step already done."""
+    import signal
+
+    from typer.testing import CliRunner
+
+    from cosmolit.checkpoint import read_checkpoint
+    from cosmolit.cli import app
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {filters: [4, 8]}\ndata: {val_fraction: 0.25}\ntrainer: {log_every_n_steps: 1}\n")
+
+    def fit(out, *extra):
+        return CliRunner().invoke(app, ["fit", "--model", "cnn", "--data", str(synthetic_small_h5), "--accelerator",
+                                        "ipu", "--config", str(config), "--epochs", "2", "--batch-size", "4",
+                                        "--device-iterations", "3", "--seed", "7", "--out", str(out), "-q", *extra])
+
+    res = fit(tmp_path / "full")
+    assert res.exit_code == 0, res.output
+    with monkeypatch.context() as m:
+        interrupt_at(m, 4, signal.SIGTERM)  # the first step of the second epoch (3 steps of 12 stamps each)
+        res = fit(tmp_path / "cut")
+    assert res.exit_code == 143, res.output
+    res = fit(tmp_path / "cut", "--resume")
+    assert res.exit_code == 0, res.output
+    full = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt")["state_dict"]
+    cut = read_checkpoint(tmp_path / "cut" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert list(full) == list(cut)
+    for key in full:
+        assert torch.equal(full[key], cut[key]), key

@@ -3,14 +3,9 @@ on CPU, checkpoint and dataset writes are atomic, a killed simulate leaves nothi
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -34,28 +29,6 @@ def config(tmp_path):
     return path
 
 
-def _interrupt_at(monkeypatch, step: int, signum=signal.SIGTERM):
-    """Make the run send itself a real `signum` at the end of optimizer step `step`."""
-    import cosmolit.train as train
-
-    original = train._run_state_callback
-
-    def patched(*args, **kwargs):
-        cb = original(*args, **kwargs)
-        base = type(cb).on_train_batch_end
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == step:
-                os.kill(os.getpid(), signum)
-                time.sleep(0.01)  # let the interpreter run the Python-level handler
-            return base(self, trainer, pl_module, outputs, batch, batch_idx)
-
-        cb.on_train_batch_end = on_train_batch_end.__get__(cb)
-        return cb
-
-    monkeypatch.setattr(train, "_run_state_callback", patched)
-
-
 def _weights(path):
     return read_checkpoint(path)["state_dict"]
 
@@ -72,7 +45,7 @@ def _assert_same(a, b):
     (signal.SIGTERM, 143, 4, ("--static-graph", "--device-iterations", "3")),
 ])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, config, synthetic_small_h5, monkeypatch,
-                                                      signum, code, step, extra):
+                                                      interrupt_at, signum, code, step, extra):
     runner = CliRunner()
     full = tmp_path / "full"
     res = runner.invoke(app, _fit_args(synthetic_small_h5, full, config, extra))
@@ -80,7 +53,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, config, syntheti
 
     cut = tmp_path / "cut"
     with monkeypatch.context() as m:
-        _interrupt_at(m, step, signum)
+        interrupt_at(m, step, signum)
         res = runner.invoke(app, _fit_args(synthetic_small_h5, cut, config, extra))
     assert res.exit_code == code, res.output
     assert "--resume" in res.output and "Traceback" not in res.output

@@ -68,7 +68,7 @@ def test_static_graph_steps_train_the_same_weights_as_lightning_steps(tmp_path, 
     (["--static-graph"], "model: {filters: [4, 8], lr_schedule: cosine}\n",
      "static_graph: true does not go with lr_schedule cosine (constant only)"),
     ([], "trainer: {static_graph: sometimes}\n", "static_graph must be true, false or auto"),
-    (["--static-graph", "--device-iterations", "10"], CONFIG, "fewer than one batch of 40 (10 x 4)"),
+    (["--static-graph", "--device-iterations", "10"], CONFIG, "fewer than the 40 (10 x 4) one training step takes"),
     (["--device-iterations", "0"], CONFIG, "--device-iterations"),
 ])
 def test_static_graph_refusals_are_one_line_and_write_nothing(tmp_path, synthetic_small_h5, extra, config_text,

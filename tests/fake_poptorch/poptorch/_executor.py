@@ -215,8 +215,8 @@ class PoplarExecutor:
         elif signature != self._signature:
             raise _error("input shapes or dtypes changed since the model was compiled "
                          f"({self._signature} -> {signature}); an IPU graph is static: call destroy() to recompile")
-        if not self._attached:
-            raise _error("the model is detached from the IPU; call attachToDevice() first")
+        if not self._attached:  # as PopTorch's PoplarExecutor.__call__: a detached model attaches again
+            self._attached = True
         with torch.random.fork_rng(devices=[]):
             if self._rng_state is None:
                 seed = self._options.random_seed
