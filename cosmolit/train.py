@@ -426,8 +426,9 @@ def fit(
         elif accel == "gpu" and static_k:
             echo("compile: auto is off in static-graph mode (the whole step is one CUDA graph)")
         else:
-            echo("torch.compile: the first training and validation steps compile the network (about a minute)")
             model.compile_network(True, echo)
+            if model.compile_status() == "on":
+                echo("torch.compile: the first training and validation steps compile the network (about a minute)")
     if static_k:
         if accel == "gpu":
             echo(f"static graph: each training step (forward, loss, backward, Adam) is captured in a CUDA graph, "

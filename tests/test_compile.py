@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosmolit.backends.compiling import CompiledApart, CompiledCall, compile_errors, tracing_check
+from cosmolit.backends.compiling import CompiledApart, CompiledCall, compile_errors, compile_refusal, tracing_check
 
 
 class _CompileFailed(compile_errors()[0] if compile_errors() else RuntimeError):
@@ -118,14 +118,15 @@ def test_compile_network_gives_the_eager_loss_and_gradients():
     keys = list(compiled.state_dict())
     messages = []
     compiled.compile_network(True, messages.append)
-    assert compiled.compile_status() == "on"
+    refusal = compile_refusal()  # torch 2.0.x: eager, said once (test_torch_2_0_never_compiles)
+    assert compiled.compile_status() == ("unavailable" if refusal else "on")
     losses = []
     for net in (eager, compiled):
         net.train()
         loss = net.loss_terms(x, y)["loss"]
         loss.backward()
         losses.append(loss.detach())
-    assert compiled.compile_status() in ("on", "failed")  # failed: no usable compiler here; eager then
+    assert compiled.compile_status() in (("unavailable",) if refusal else ("on", "failed"))  # failed: no compiler
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
@@ -155,7 +156,10 @@ def test_bnn_compiles_network_draw_and_kl_and_gives_the_eager_elbo():
     eager, compiled = tiny(), tiny()
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_network(True, lambda m: None)
-    assert {"_run_net", "_draw_guide", "_kl"} <= set(compiled.__dict__)
+    if compile_refusal() is None:
+        assert {"_run_net", "_draw_guide", "_kl"} <= set(compiled.__dict__)
+    else:
+        assert compiled.compile_status() == "unavailable"
     assert "elbo_terms" not in compiled.__dict__  # Pyro's tracing and replay stay eager
     terms = []
     for net in (eager, compiled):
@@ -169,6 +173,32 @@ def test_bnn_compiles_network_draw_and_kl_and_gives_the_eager_elbo():
         assert (q.grad - p.grad).abs().max() <= 1e-4 * p.grad.abs().max() + 1e-7, name
     compiled.compile_network(False)
     assert compiled.compile_status() == "off"
+
+
+def test_torch_2_0_never_compiles(monkeypatch, tmp_path, synthetic_small_h5):
+    """torch 2.0.x (the IPU stack): Inductor's CPU kernels gave inf losses on an AVX-512 Xeon, so a
+    model asked to compile runs eager and says why in one line; auto and true alike, on any CPU."""
+    monkeypatch.setattr(torch, "__version__", "2.0.1+cpu")
+    reason = compile_refusal()
+    assert reason and "torch 2.0.1+cpu" in reason and "inf" in reason
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
+    net, messages = _tiny_cnn(), []
+    net.compile_network(True, messages.append)
+    assert net.compile_status() == "unavailable" and messages == [f"{reason}; ShapeCNN.loss_terms runs eager"]
+    x = torch.rand(2, 3, 16, 16) * 50
+    assert torch.isfinite(net.loss_terms(x, torch.zeros(2, 2))["loss"])
+    assert all(m.weight.is_contiguous() for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    from typer.testing import CliRunner
+
+    from cosmolit.cli import app
+
+    res = CliRunner().invoke(app, ["fit", "--model", "cnn", "--data", str(synthetic_small_h5), "--epochs", "1",
+                                   "--batch-size", "8", "--accelerator", "cpu", "--compile", "--out",
+                                   str(tmp_path / "run"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("torch.compile is off with torch 2.0.1") == 1 and "about a minute" not in res.output
+    monkeypatch.setattr(torch, "__version__", "2.1.0")
+    assert compile_refusal() is None
 
 
 def test_compile_is_refused_on_ipu():

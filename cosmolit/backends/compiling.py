@@ -24,6 +24,7 @@ Not for the IPU: PopTorch compiles the whole step itself (see cosmolit.backends.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
 
 
@@ -34,6 +35,24 @@ def tracing_check() -> Optional[Callable[[], bool]]:
     import torch
 
     return getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
+
+def compile_refusal() -> Optional[str]:
+    """Why cosmolit runs its networks eager with this torch even when compilation is asked for, or None.
+
+    torch 2.0.x (the IPU stack's pin): on an Intel Xeon with AVX-512 and AMX (family 6, model 167),
+    Inductor's CPU kernels gave the small test shape CNN (4 and 8 filters, 16-pixel stamps) an inf
+    loss where eager's was finite, and the same code passed on AVX2-only CPUs and with torch 2.13
+    on that Xeon. Whether a compiled step is right then depends on the CPU and the layer sizes,
+    which no check before training can tell; so compilation is off there, not only by default.
+    """
+    import torch
+
+    version = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+    if version < (2, 1):
+        return (f"torch.compile is off with torch {torch.__version__} (its Inductor CPU kernels gave inf losses "
+                "on an AVX-512 CPU where eager's were finite; torch >= 2.1 compiles)")
+    return None
 
 
 def compile_errors() -> tuple[type, ...]:
@@ -58,14 +77,16 @@ class CompiledCall:
     """`fn` under torch.compile, or `fn` itself once compilation has failed (said once via `echo`).
 
     status: "on" (compiled, or compiling at the next call), "failed" (fell back to eager) or
-    "unavailable" (torch.compile is missing or refuses this Python / platform).
+    "unavailable" (torch.compile is missing or refuses this Python / platform, or `unavailable`
+    gives the reason cosmolit does not compile here: see `compile_refusal`).
     `prepare()` runs once, before the first compiled call (the model sets the parameter layout the
     compiled graph wants, now that it is on its device); `restore()` once, when the call falls
     back to eager.
     """
 
     def __init__(self, fn: Callable, what: str, echo: Callable[[str], None] = print,
-                 prepare: Optional[Callable[[], None]] = None, restore: Optional[Callable[[], None]] = None):
+                 prepare: Optional[Callable[[], None]] = None, restore: Optional[Callable[[], None]] = None,
+                 unavailable: Optional[str] = None):
         import torch
 
         self.eager = fn
@@ -75,6 +96,9 @@ class CompiledCall:
         self._errors = compile_errors()
         self._fn = fn
         self.status = "unavailable"
+        if unavailable:
+            echo(f"{unavailable}; {what} runs eager")
+            return
         if not hasattr(torch, "compile"):
             echo(f"torch.compile is not in torch {torch.__version__}; {what} runs eager")
             return

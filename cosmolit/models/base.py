@@ -33,7 +33,7 @@ import pytorch_lightning as pl
 import torch
 
 from cosmolit.backends import make_adam, mark_loss, on_ipu
-from cosmolit.backends.compiling import CompiledApart, CompiledCall
+from cosmolit.backends.compiling import CompiledApart, CompiledCall, compile_refusal
 from cosmolit.errors import UsageError
 from cosmolit.nn.trunk import PRELU_KINDS
 
@@ -159,9 +159,10 @@ class CosmolitModule(pl.LightningModule):
             if self.device.type == "cpu":
                 self._set_conv_layout(torch.channels_last)
 
+        refusal = compile_refusal()
         for name in self.compiled_methods:
             call = CompiledCall(getattr(self, name), f"{type(self).__name__}.{name}", echo, prepare=prepare,
-                                restore=lambda: self._set_conv_layout(torch.contiguous_format))
+                                restore=lambda: self._set_conv_layout(torch.contiguous_format), unavailable=refusal)
             self.__dict__[name] = call
             if call.status == "unavailable":  # said once: the same holds for the other methods
                 break
