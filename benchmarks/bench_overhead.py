@@ -2,8 +2,9 @@
 
     python benchmarks/bench_overhead.py --out runs/overhead.json [--accelerator cpu] [--threads 2]
 
-1. cosmolit's Lightning training step vs a bare PyTorch loop of the same network, data and
-   optimizer (goal <= 1.10x at batch 32 on CPU);
+1. whole epochs of cosmolit's Lightning fit vs whole epochs of a bare PyTorch loop over the same
+   DataLoader, with the same network and optimizer, at batch 2 and --batch-size (goal <= 1.10x at
+   batch 32 on CPU);
 2. the Pyro BNN step vs the hand-written reparameterised plain-torch BNN (goal <= 1.2x);
 3. model FLOP/s (counted from conv / linear shapes) vs a dense matmul on the same machine (MFU),
    and the study's TensorFlow 2-core figures at the same batch;
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bnn-batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=8, help="timed steps per round and side")
+    p.add_argument("--epoch-images", type=int, default=256, help="lightning: images of the timed epoch")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--matmul-size", type=int, default=1024)
@@ -41,8 +43,8 @@ def main(argv=None) -> int:
         check_output_path(args.out, force=args.force, what="results file")
         try:
             cfg = OverheadConfig(accelerator=args.accelerator, batch_size=args.batch_size,
-                                 bnn_batch_size=args.bnn_batch_size, steps=args.steps, rounds=args.rounds,
-                                 threads=args.threads, matmul_size=args.matmul_size,
+                                 bnn_batch_size=args.bnn_batch_size, steps=args.steps, epoch_images=args.epoch_images,
+                                 rounds=args.rounds, threads=args.threads, matmul_size=args.matmul_size,
                                  parts=[s.strip() for s in args.parts.split(",") if s.strip()])
         except ValueError as exc:
             raise CosmolitError(str(exc)) from None

@@ -7,7 +7,13 @@ hyper-parameters. cosmolit's checkpoints carry, besides Lightning's usual conten
 
     checkpoint["cosmolit"] = {"model": "cnn" | "bnn" | "vae", "class": "ShapeCNN", "version": "0.1.0",
                               "torch": ..., "pytorch_lightning": ..., "seed": ..., "config": YAML text,
-                              "batches_in_epoch": ..., "torch_rng": uint8 tensor}
+                              "batches_in_epoch": ..., "torch_rng": uint8 tensor,
+                              "calibration": {path, seed, n, fingerprint, ...} after `cosmolit calibrate`}
+
+`data_overlap` tells whether a dataset is the checkpoint's training file (hyper-parameter
+`provenance`) or calibration file: by the recorded `dataset_fingerprint` (a hash of the file's
+content, so a copy or a moved file is recognised), or, for records without one, by path and by
+the content of the recorded file while it exists.
 
 Lightning's own resume path (`Trainer.fit(ckpt_path=...)`) goes through `safe_checkpoint_io()`,
 a CheckpointIO plugin that loads with the same `read_checkpoint` and writes every checkpoint
@@ -26,6 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from cosmolit.dataset import dataset_fingerprint
 from cosmolit.errors import UsageError
 
 
@@ -148,6 +155,45 @@ def load_model(path: str | Path, expected: str | None = None, map_location: str 
         model.on_load_checkpoint(ckpt)
     model.eval()
     return model.to(map_location), kind, ckpt
+
+
+def _same_file(record: dict, path: Path, fingerprint: str) -> bool:
+    """Whether a provenance / calibration record ({path, fingerprint?}) names the dataset at `path`:
+    by its recorded fingerprint; without one (older checkpoints), by its resolved path, or by the
+    content of the recorded file when it still exists (a copy)."""
+    if record.get("fingerprint"):
+        return record["fingerprint"] == fingerprint
+    recorded = record.get("path")
+    if not recorded:
+        return False
+    recorded = Path(str(recorded))
+    if recorded.resolve() == path.resolve():
+        return True
+    try:
+        return recorded.is_file() and dataset_fingerprint(recorded) == fingerprint
+    except Exception:  # moved, replaced by something that is not a dataset any more...
+        return False
+
+
+def data_overlap(ckpt: dict, path: str | Path, roles=("training", "calibration")) -> list[str]:
+    """Which of `roles` the dataset at `path` played for a checkpoint: 'training' (the file of
+    hyper_parameters.provenance, validation split included) and/or 'calibration' (the file of
+    cosmolit.calibration, written by `cosmolit calibrate`)."""
+    records = {"training": (ckpt.get("hyper_parameters") or {}).get("provenance"),
+               "calibration": (ckpt.get("cosmolit") or {}).get("calibration")}
+    path = Path(path)
+    fingerprint = dataset_fingerprint(path)
+    return [role for role in roles if isinstance(records[role], dict) and _same_file(records[role], path, fingerprint)]
+
+
+def refuse_overlap(ckpt: dict, path: str | Path, roles, allow: bool, advice: str) -> list[str]:
+    """data_overlap, with one UsageError line when the dataset played one of `roles` and `allow`
+    (--allow-training-data) is not given; returns the roles found."""
+    found = data_overlap(ckpt, path, roles)
+    if found and not allow:
+        raise UsageError(f"dataset {str(path)!r} is the {' and '.join(found)} file of this checkpoint; {advice}, "
+                         "or pass --allow-training-data to use it anyway")
+    return found
 
 
 def describe_checkpoint(path: str | Path) -> str:

@@ -14,6 +14,14 @@ validation and the rest to training. The training order depends only on (seed, e
 (EpochShuffleSampler, so a resumed run sees the same batches) and the loader drops the last incomplete batch (static shapes, as the IPU needs); the validation loader
 keeps the file order and every stamp.
 
+Several processes (DDP, `--devices N`): inside a Trainer with world size W, rank r trains on every
+W-th stamp of the epoch's order from position r, W shards of equal length (the last
+len % W stamps of the order are left out that epoch), and validates on every W-th validation stamp
+from position r; the model reduces the validation means over the ranks (cosmolit.models.base). The
+split, the normalisation and the target statistics are computed from the whole file in every
+process, so they are those of one device. Outside a fit (`full_val_dataloader`, and every loader
+once `sharded` is False) each process sees every stamp.
+
 Fresh noise (renoise=True): the training inputs are the file's noiseless `scene` stamps (target +
 neighbours) plus new noise drawn for every stamp in every epoch, Gaussian with the variance of the
 simulator's Poisson noise, sky_level_b + max(scene, 0) electrons (the normal limit of the Poisson
@@ -50,7 +58,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cosmolit.dataset import DatasetInfo, inspect_dataset
+from cosmolit.dataset import DatasetInfo, dataset_fingerprint, inspect_dataset
 from cosmolit.errors import UsageError
 
 TARGET_KINDS = ("truth", "clean")
@@ -148,12 +156,18 @@ class EpochShuffleSampler:
         self.n, self.seed, self.epoch, self.skip = int(n), int(seed), 0, 0
         self.augment = bool(augment)
         self.with_epoch = bool(with_epoch)
+        self.rank, self.world = 0, 1  # this process's shard of every epoch's order (see the module docstring)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def set_shard(self, rank: int, world: int) -> None:
+        if not 0 <= int(rank) < int(world):
+            raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+        self.rank, self.world = int(rank), int(world)
+
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -162,6 +176,7 @@ class EpochShuffleSampler:
             order = order * AUGMENT_GROUP + rng.integers(0, AUGMENT_GROUP, self.n)
         if self.with_epoch:
             order = order + self.epoch * items_per_epoch(self.n, self.augment)
+        order = order[self.rank:len(self) * self.world:self.world]  # the whole order when world is 1
         skip, self.skip = self.skip, 0
         return iter(order[skip:].tolist())
 
@@ -329,6 +344,7 @@ class GalaxyDataModule(pl.LightningDataModule):
         self._train: Optional[_Stamps] = None
         self._val: Optional[_Stamps] = None
         self.loaded_in_memory: Optional[bool] = None
+        self.sharded = True  # inside a multi-process fit, each process reads its own shard (_shard)
 
     def _check_renoise(self) -> np.ndarray:
         """float32 (C, 1, 1) sky level of each band, for data.renoise; UsageError when it cannot be used."""
@@ -380,7 +396,9 @@ class GalaxyDataModule(pl.LightningDataModule):
         return {"path": str(Path(self.path).resolve()), "seed": self.seed, "n": int(self.n),
                 "format_version": int(self._info.format_version), "cosmolit_version": str(__version__),
                 "dataset_seed": int(self._info.seed), "pixel_scale": float(self._info.pixel_scale),
-                "psf_fwhm": [float(x) for x in self._info.psf_fwhm]}
+                "psf_fwhm": [float(x) for x in self._info.psf_fwhm],
+                "sky_level": [float(x) for x in np.atleast_1d(self._info.attrs.get("sky_level", []))],
+                "fingerprint": dataset_fingerprint(self.path)}
 
     # ------------------------------------------------------------------ setup
     def _use_memory(self, rows: dict) -> bool:
@@ -501,24 +519,45 @@ class GalaxyDataModule(pl.LightningDataModule):
         """Stamps per training batch: batch_size x batches_per_step."""
         return self.batch_size * self.batches_per_step
 
-    def _loader(self, ds: _Stamps, train: bool) -> DataLoader:
+    def _shard(self) -> tuple[int, int]:
+        """(rank, world size) of this process in the Trainer's DDP run; (0, 1) outside one, on an IPU
+        (whose replicas share one process) and once `sharded` is False."""
+        from cosmolit.backends import on_ipu
+
+        trainer = getattr(self, "trainer", None)
+        if not self.sharded or trainer is None or trainer.world_size <= 1 or on_ipu(self):
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _loader(self, ds: _Stamps, train: bool, shard: tuple[int, int] = (0, 1)) -> DataLoader:
         kwargs = dict(batch_size=self.train_batch_size if train else self.batch_size, num_workers=self.num_workers,
                       persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
         if train:
+            self.train_sampler.set_shard(*shard)
             return DataLoader(ds, sampler=self.train_sampler, drop_last=True, **kwargs)
         # An IPU runs a static graph: every batch, validation included, must have the same shape.
         from cosmolit.backends import on_ipu
 
+        rank, world = shard
+        if world > 1:  # every world-th validation stamp, in file order
+            return DataLoader(ds, sampler=list(range(rank, len(ds), world)), **kwargs)
         return DataLoader(ds, shuffle=False, drop_last=on_ipu(self), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        if self.train_size < self.train_batch_size:
-            raise UsageError(f"the training split has {self.train_size} stamps, fewer than one batch of "
+        rank, world = self._shard()
+        if self.train_size // world < self.train_batch_size:
+            each = f" ({self.train_size // world} for each of {world} processes)" if world > 1 else ""
+            raise UsageError(f"the training split has {self.train_size} stamps{each}, fewer than one batch of "
                              f"{self.train_batch_size}; use a smaller batch_size or more data")
-        return self._loader(self._train, train=True)
+        return self._loader(self._train, train=True, shard=(rank, world))
 
     def val_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self._val, train=False, shard=self._shard())
+
+    def full_val_dataloader(self) -> DataLoader:
+        """Every validation stamp, in file order, in every process (calibration after a fit)."""
         self.setup("fit")
         return self._loader(self._val, train=False)
 

@@ -19,13 +19,18 @@ Layout (format_version 1)::
                      noise variance of a pixel is sky_level + scene
 
 Files are written under a temporary name in the same folder and renamed when complete, so
-a reader never sees a half-written file under the final name.
+a reader never sees a half-written file under the final name. SIGTERM during the write removes
+the temporary file as Ctrl-C does; one left by a killed process is removed by the next write
+of the same output.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,28 +229,109 @@ def check_output_path(path: str | Path, force: bool = False, what: str = "output
     return path
 
 
+def format_bytes(n: float) -> str:
+    """1.5e12 -> '1.5 TB' (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def check_free_space(path: str | Path, nbytes: int, what: str = "output") -> None:
+    """Refuse, before anything is written, an output of about `nbytes` larger than the free space beside `path`."""
+    parent = Path(path).parent if str(Path(path).parent) else Path(".")
+    free = shutil.disk_usage(parent).free
+    if nbytes > free:
+        raise UsageError(f"{what} {str(path)!r} needs about {format_bytes(nbytes)} but only {format_bytes(free)} "
+                         f"are free in {str(parent)!r}")
+
+
+class Terminated(SystemExit):
+    """SIGTERM while an atomic write runs: unwinds like Ctrl-C (cleanup runs), then exit 143."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """In the main thread, turn SIGTERM into Terminated while the block runs, so that its cleanup runs.
+
+    Left alone: another thread, or a SIGTERM handler already set (e.g. by `cosmolit fit`, or an
+    enclosing block). A process forked inside the block keeps the default action (it exits at once).
+    """
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a forked child: behave as the default handler
+            os._exit(128 + signum)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        raise Terminated(128 + signum)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    installed = False
+    if previous in (signal.SIG_DFL, None):
+        try:
+            signal.signal(signal.SIGTERM, handler)
+            installed = True
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def remove_stale_partials(path: str | Path, suffix: str = "") -> list[Path]:
+    """Remove the temporary files of `path` (from atomic_path) left by processes that no longer run."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.\w+\.partial{re.escape(suffix)}")
+    removed = []
+    for p in (path.parent if str(path.parent) else Path(".")).iterdir():
+        m = pattern.fullmatch(p.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a pid: leave it alone
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    On any exception (including KeyboardInterrupt) the temporary file is removed and `path`
-    is left as it was.
+    On any exception (including KeyboardInterrupt, and SIGTERM: see sigterm_raises) the temporary
+    file is removed and `path` is left as it was. The temporary name holds the writer's pid, so that
+    a file left by a killed (SIGKILL) run is removed by the next write of the same `path`.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent or ".")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        yield tmp_path
-        if tmp_path.exists():  # mkstemp creates 0600; give the file the permissions of a normal one
-            os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
+    with sigterm_raises():
+        remove_stale_partials(path, suffix)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=f".partial{suffix}",
+                                   dir=path.parent or ".")
+        os.close(fd)
+        tmp_path = Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        try:
+            yield tmp_path
+            if tmp_path.exists():  # mkstemp creates 0600; give the file the permissions of a normal one
+                os.chmod(tmp_path, 0o666 & ~umask)
+            os.replace(tmp_path, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
+            raise
 
 
 class DatasetWriter:
@@ -284,11 +370,20 @@ class DatasetWriter:
         self._file = None
         self.written = 0
 
+    @property
+    def nbytes(self) -> int:
+        """Estimated size of the finished file: its arrays plus an allowance for HDF5 metadata."""
+        per_stamp = 4 * len(self.bands) * self.height * self.width * (1 + len(self.stamp_arrays))
+        per_stamp += sum(np.dtype(self.truth_dtypes.get(k, "f8")).itemsize for k in self.truth_names)
+        per_stamp += sum(np.dtype(dtype).itemsize * int(np.prod(tail)) for tail, dtype in self.extras.values())
+        return self.n * per_stamp + 2**16
+
     def __enter__(self) -> "DatasetWriter":
         import h5py
 
         from cosmolit import __version__
 
+        check_free_space(self.path, self.nbytes)
         self._ctx = atomic_path(self.path, ".h5")
         tmp = self._ctx.__enter__()
         try:
@@ -347,3 +442,21 @@ class DatasetWriter:
             self._ctx.__exit__(exc_type, exc, tb)
             raise exc
         return self._ctx.__exit__(exc_type, exc, tb)
+
+
+def dataset_fingerprint(path: str | Path) -> str:
+    """A short content hash of a dataset file: its images' shape, bands and first and last stamps.
+    The same for a copy or a moved file; another simulation (seed, config, shard) differs."""
+    import hashlib
+
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "r") as f:
+        images = f["images"]
+        bands = f.attrs.get("bands", "")
+        h = hashlib.sha256(repr((tuple(images.shape), bands.decode() if isinstance(bands, bytes) else str(bands)))
+                           .encode())
+        for k in sorted({0, images.shape[0] - 1}):
+            h.update(np.ascontiguousarray(images[k], dtype="<f4").tobytes())
+    return h.hexdigest()[:16]

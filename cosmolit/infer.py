@@ -24,9 +24,12 @@ def inference_device(accelerator: str) -> str:
 
 
 def predict_shapes(model, kind: str, path, batch_size: int = 64, samples: int | None = None,
-                   device: str = "cpu", progress: bool = True, limit: int | None = None) -> dict[str, np.ndarray]:
+                   device: str = "cpu", progress: bool = True, limit: int | None = None,
+                   seed: int | None = 0) -> dict[str, np.ndarray]:
     """Predictions of a shape model over a file (its first `limit` stamps; all when None): mean
-    (N, T), cov (N, T, T) and, for the BNN, aleatoric_cov and epistemic_cov (N, T, T)."""
+    (N, T), cov (N, T, T) and, for the BNN, aleatoric_cov and epistemic_cov (N, T, T). The BNN's
+    weight draws come from `seed` (None: torch's global generator), the same draws for every
+    batch, so a stamp's prediction does not depend on the batch size."""
     import torch
 
     from cosmolit.progress import progress_bar
@@ -38,7 +41,7 @@ def predict_shapes(model, kind: str, path, batch_size: int = 64, samples: int | 
     with torch.no_grad(), progress_bar(n, "predicting", enabled=progress) as advance:
         for _, block in iter_images(path, batch_size, limit=n):
             x = torch.from_numpy(block).to(device)
-            kwargs = {"samples": samples or int(model.hparams.get("samples", 100))} if kind == "bnn" else {}
+            kwargs = {"samples": samples or int(model.hparams.get("samples", 100)), "seed": seed} if kind == "bnn" else {}
             parts = model.estimate(x, **kwargs)
             for key, value in parts.items():
                 out.setdefault(key, []).append(value.detach().float().cpu().numpy())
@@ -106,15 +109,17 @@ def load_images(path, limit: int | None = None, batch_size: int = 256, dataset: 
 
 
 def calibrate_checkpoint(ckpt: Path, data: Path, out: Path, batch_size: int = 64, device: str = "cpu",
-                         progress: bool = True, echo=None) -> dict:
+                         progress: bool = True, echo=None, allow_training_data: bool = False) -> dict:
     """Measure a shape network's response and uncertainty calibration again on a dataset of its own
     (usually a simulation much larger than the validation split, never the test set) and write the
     checkpoint with it to `out`. The weights are untouched; the new calibration replaces the old and
-    is recorded, with the dataset's path, seed and size, under checkpoint["cosmolit"]["calibration"].
+    is recorded, with the dataset's path, seed, size and fingerprint, under
+    checkpoint["cosmolit"]["calibration"]. The training file is refused unless `allow_training_data`.
     Returns that record."""
     import torch
 
-    from cosmolit.checkpoint import load_model, save_checkpoint_atomic
+    from cosmolit.checkpoint import load_model, refuse_overlap, save_checkpoint_atomic
+    from cosmolit.dataset import dataset_fingerprint
     from cosmolit.models.targets import calibrate
 
     model, kind, checkpoint = load_model(ckpt)
@@ -122,7 +127,9 @@ def calibrate_checkpoint(ckpt: Path, data: Path, out: Path, batch_size: int = 64
         raise UsageError(f"checkpoint {str(ckpt)!r} holds a vae model; only cnn and bnn checkpoints are calibrated")
     targets = list(model.hparams["targets"])
     info = inspect_dataset(data, require_truth=targets)
-    model.check_compatible(info)
+    model.check_compatible(info, echo=echo)
+    refuse_overlap(checkpoint, data, ("training",), allow_training_data,
+                   "calibrate on a simulation of its own (its training galaxies give a biased response)")
     truth = read_targets(data, targets)  # (n, T), finite
     batches = ((torch.from_numpy(block), torch.from_numpy(truth[start:start + len(block)]))
                for start, block in iter_images(data, batch_size))
@@ -131,7 +138,8 @@ def calibrate_checkpoint(ckpt: Path, data: Path, out: Path, batch_size: int = 64
     for name, value in model.state_dict().items():
         if name.startswith("target_transform."):
             state[name] = value.detach().cpu().clone()
-    record = {"path": str(Path(data).resolve()), "seed": int(info.seed), "n": int(info.n), **found}
+    record = {"path": str(Path(data).resolve()), "seed": int(info.seed), "n": int(info.n),
+              "fingerprint": dataset_fingerprint(data), **found}
     meta = dict(checkpoint.get("cosmolit") or {})
     meta["calibration"] = record
     checkpoint["cosmolit"] = meta

@@ -4,8 +4,8 @@ A fit configuration (configs/cnn.yaml, configs/bnn.yaml, configs/vae.yaml) has f
 
     model:   the model's own hyper-parameters (ShapeCNNConfig, BayesianShapeCNNConfig, GalaxyVAEConfig)
     data:    DataConfig  (batch size, validation fraction, split seed, workers, streaming)
-    trainer: TrainerConfig (epochs, accelerator, devices, precision, seed, early stopping, compile,
-             static-graph mode, device iterations)
+    trainer: TrainerConfig (epochs, accelerator, devices, nodes, precision, seed, early stopping,
+             compile, static-graph mode, device iterations)
     ipu:     IPU options (replication, gradient accumulation, ...), used on IPU only
 """
 
@@ -55,6 +55,8 @@ class TrainerConfig:
     epochs: int = 10
     accelerator: str = "auto"
     devices: int = 1
+    # machines of a DDP run (devices processes on each); null: SLURM's node count under srun, else 1
+    num_nodes: Optional[int] = None
     precision: str = "32-true"
     seed: int = 0
     early_stopping_patience: Optional[int] = None
@@ -76,6 +78,8 @@ class TrainerConfig:
             raise ValueError(f"epochs must be a positive integer, got {self.epochs}")
         if self.devices <= 0:
             raise ValueError(f"devices must be a positive integer, got {self.devices}")
+        if self.num_nodes is not None and (isinstance(self.num_nodes, bool) or self.num_nodes <= 0):
+            raise ValueError(f"num_nodes must be a positive integer or null, got {self.num_nodes}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
@@ -162,14 +166,18 @@ class Preempted(CosmolitError):
         self.exit_code = 128 + int(signum)
 
 
-def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore: Optional[dict] = None):
+def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore: Optional[dict] = None,
+                        seed: int = 0):
     """Everything a run needs to survive interruption, as one Callback.
 
     - counts the batches done in the current epoch and stores them (with the torch RNG state)
       in every checkpoint, so that a resume skips exactly those batches and draws the same
       random numbers (VAE reparameterisation, BNN weight samples);
+    - in a DDP run (several processes) each process draws its own random numbers, from
+      (seed, rank), and every checkpoint holds the RNG state of each rank;
     - on SIGTERM (scheduler pre-emption) or SIGINT (Ctrl-C): finish the current step, save
-      last.ckpt atomically and stop with Preempted (exit 143 / 130);
+      last.ckpt atomically and stop with Preempted (exit 143 / 130); in a DDP run a signal to any
+      one process stops them all at the same step;
     - with `every_n_steps`, also saves last.ckpt every that many optimizer steps (SIGKILL loses
       at most that many steps);
     - saves last.ckpt at the end of every epoch. ModelCheckpoint keeps only the best one: since
@@ -188,7 +196,10 @@ def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore
             self._restore = restore
             self._saved_at = -1
 
-        def on_fit_start(self, trainer, pl_module):
+        def _catch_signals(self):
+            # from on_train_start: Lightning installs its own SIGTERM handler after on_fit_start, one
+            # that in a DDP run signals the other processes and broadcasts from inside the handler,
+            # which hangs them; during training this one replaces it (and Lightning restores its own)
             def handler(signum, frame):
                 if self.signum is not None and signum == signal.SIGINT:
                     raise KeyboardInterrupt  # a second Ctrl-C stops at once
@@ -205,6 +216,11 @@ def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore
                 signal.signal(sig, prev)
             self._previous = {}
 
+        def on_train_start(self, trainer, pl_module):
+            self._catch_signals()
+            if trainer.world_size > 1 and self._restore is None:  # the ranks' own random numbers
+                torch.manual_seed(_rank_seed(seed, trainer.global_rank))
+
         def on_train_epoch_start(self, trainer, pl_module):
             if self._restore is None:
                 self.batches = 0
@@ -212,18 +228,33 @@ def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if self._restore is not None:
                 self.batches = int(self._restore.get("batches_in_epoch", 0))
-                rng = self._restore.get("torch_rng")
+                ranks = self._restore.get("torch_rng_ranks")
+                rng = self._restore.get("torch_rng") if trainer.world_size == 1 else None
+                if isinstance(ranks, torch.Tensor) and len(ranks) == trainer.world_size:
+                    rng = ranks[trainer.global_rank]
                 if isinstance(rng, torch.Tensor):
-                    torch.set_rng_state(rng)
+                    torch.set_rng_state(rng.to(torch.uint8).cpu().clone())  # a row of its own: torch misreads a view
+                elif trainer.world_size > 1:  # resumed with another number of processes
+                    torch.manual_seed(_rank_seed(seed, trainer.global_rank, trainer.global_step))
                 self._restore = None
 
         def _save_last(self, trainer):
             trainer.save_checkpoint(str(path), weights_only=False)
             self._saved_at = trainer.global_step
 
+        def _signal_anywhere(self, trainer, pl_module) -> Optional[int]:
+            """The signal received by this process or, in a DDP run, by any of them (one all-reduce)."""
+            if trainer.world_size == 1:
+                return self.signum
+            got = torch.tensor(float(self.signum or 0), device=pl_module.device)
+            got = int(trainer.strategy.reduce(got, reduce_op="max").item())
+            return got or None
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.batches += 1
-            if self.signum is not None:
+            signum = self._signal_anywhere(trainer, pl_module)
+            if signum is not None:
+                self.signum = signum
                 self._save_last(trainer)
                 name = "SIGTERM" if self.signum == signal.SIGTERM else "SIGINT (Ctrl-C)"
                 raise Preempted(
@@ -240,6 +271,15 @@ def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore
             meta = checkpoint.setdefault("cosmolit", {})
             meta["batches_in_epoch"] = self.batches
             meta["torch_rng"] = torch.get_rng_state()
+            if trainer.world_size > 1:  # every process calls this hook: (world, state) from all of them
+                state = torch.get_rng_state()
+                rows = torch.zeros(trainer.world_size, len(state), dtype=torch.int32, device=pl_module.device)
+                rows[trainer.global_rank] = state.to(rows)
+                rows = trainer.strategy.reduce(rows, reduce_op="sum")  # each row is one rank's
+                meta["torch_rng_ranks"] = rows.cpu().to(torch.uint8)
+
+        def on_train_end(self, trainer, pl_module):
+            self._reset_signals()
 
         def on_fit_end(self, trainer, pl_module):
             self._reset_signals()
@@ -248,6 +288,14 @@ def _run_state_callback(path: Path, every_n_steps: Optional[int] = None, restore
             self._reset_signals()
 
     return RunState()
+
+
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A torch seed of its own for each DDP process (and, after a resume with another number of
+    processes, for each step it resumes at)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1)[0])
 
 
 @dataclass
@@ -363,12 +411,17 @@ def fit(
         raise UsageError(f"folder {str(parent)!r} for the output is not writable")
 
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
     from cosmolit.data import GalaxyDataModule
     from cosmolit.models import model_class
 
+    if rank_zero_only.rank != 0:  # the other processes of a DDP run (Lightning reads the rank from the environment)
+        echo, progress = (lambda *_: None), False
     trainer_opts, ipu_batches = _trainer_options(cfg, echo)
     accel = trainer_opts.get("accelerator")
+    # processes of a DDP run (the IPU's replicas live in one process)
+    world = 1 if accel == "ipu" else int(trainer_opts["devices"]) * int(trainer_opts.get("num_nodes", 1))
     static_k = _static_graph_steps(cfg, accel, getattr(model_cfg, "lr_schedule", "constant"), echo)
     targets = list(getattr(model_cfg, "targets", []) or [])
     is_vae = kind == "vae"
@@ -395,12 +448,16 @@ def fit(
     # takes device_iterations x replicas x gradient_accumulation batches
     batches = max(static_k, 1) * ipu_batches
     step_stamps = batches * cfg.data.batch_size
-    if dm.train_size < step_stamps:
+    if dm.train_size // world < step_stamps:
         step = f"{step_stamps} ({batches} x {cfg.data.batch_size})" if batches > 1 else str(cfg.data.batch_size)
+        each = f" ({dm.train_size // world} for each of {world} processes)" if world > 1 else ""
         raise UsageError(
-            f"the training split has {dm.train_size} stamps, fewer than the {step} one training step takes; "
+            f"the training split has {dm.train_size} stamps{each}, fewer than the {step} one training step takes; "
             "use a smaller --batch-size" + (" or device_iterations" if batches > 1 else "") + " or more data"
         )
+    if dm.val_size < world:
+        raise UsageError(f"the validation split has {dm.val_size} stamps, fewer than the {world} processes that "
+                         "share it; use a larger val_fraction, more data or fewer --devices")
     pl.seed_everything(cfg.trainer.seed, workers=True)
     cls = model_class(kind)
     model_kwargs = dict(dataclasses.asdict(model_cfg))
@@ -450,10 +507,11 @@ def fit(
     sampler = dm.train_sampler
     if resume_state is not None:
         done = int(resume_state.get("batches_in_epoch", 0) or 0)
-        per_epoch = dm.train_size // step_stamps
+        per_epoch = dm.train_size // world // step_stamps  # per process
         sampler.skip = done * step_stamps if 0 < done < per_epoch else 0
         resume_state["batches_in_epoch"] = done if 0 < done < per_epoch else 0
-    run_state = _run_state_callback(last, cfg.trainer.checkpoint_every_n_steps, restore=resume_state)
+    run_state = _run_state_callback(last, cfg.trainer.checkpoint_every_n_steps, restore=resume_state,
+                                    seed=cfg.trainer.seed)
     callbacks = [checkpoint_cb, _provenance_callback(kind, cfg.trainer.seed, config_yaml), run_state]
     if new_data:
         callbacks.append(_forget_best_callback(checkpoint_cb))
@@ -473,6 +531,8 @@ def fit(
 
     if "plugins" not in trainer_opts:
         trainer_opts = dict(trainer_opts, plugins=[safe_checkpoint_io()])
+    if world > 1:  # the data module gives each process its shard itself (cosmolit.data)
+        trainer_opts = dict(trainer_opts, use_distributed_sampler=False)
     trainer = pl.Trainer(
         max_epochs=cfg.trainer.epochs,
         callbacks=callbacks,
@@ -492,7 +552,8 @@ def fit(
     finally:
         model.compile_network(False)  # calibration and prediction below run eager (other shapes, no grad)
         model.disable_static_graph()
-        if earlier_rows:
+        dm.sharded = False  # below, every process calibrates (or fits the flow) on the whole split
+        if earlier_rows and trainer.is_global_zero:
             _merge_resumed_log(metrics_csv, earlier_rows)
     if trainer.interrupted:
         raise KeyboardInterrupt
@@ -508,7 +569,7 @@ def fit(
     else:
         from cosmolit.models.targets import calibrate
 
-        found = calibrate(model, dm.val_dataloader(), echo=echo, progress=progress)
+        found = calibrate(model, dm.full_val_dataloader(), echo=echo, progress=progress)
         for name, r in found["response"].items():
             echo(f"{name}: response on the validation split 1 + m = {r['slope']:.4f}, c = {r['intercept']:+.5f}; "
                  "removed from predictions")
@@ -609,5 +670,11 @@ def _trainer_options(cfg: FitConfig, echo) -> tuple[dict, int]:
     opts = backends.trainer_kwargs(accel, cfg.trainer.devices, cfg.trainer.precision, cfg.trainer.seed,
                                    ipu=ipu_opts, echo=echo)
     if accel != "ipu":
+        from cosmolit.backends.select import num_nodes
+
+        nodes = num_nodes(cfg.trainer.num_nodes)
+        if nodes > 1:
+            echo(f"{nodes} nodes x {opts['devices']} device(s): {nodes * opts['devices']} DDP processes")
+            opts = dict(opts, num_nodes=nodes, strategy="ddp")
         return opts, 1
     return opts, ipu_opts.device_iterations * ipu_opts.gradient_accumulation * int(opts["devices"])

@@ -364,3 +364,94 @@ def test_symmetrised_draws_average_the_eight_views(batch):
     assert torch.allclose(flipped["mean"] * tt.symmetry_signs(4), out["mean"], atol=1e-5)
     s4 = tt.symmetry_signs(4)
     assert torch.allclose(flipped["epistemic_cov"] * s4.unsqueeze(-1) * s4, out["epistemic_cov"], atol=1e-8)
+
+
+@pytest.mark.parametrize("loss", ["decoupled", "nll"])
+def test_declared_model_is_the_trained_objective(batch, loss):
+    """Pyro's own TraceMeanField_ELBO on model and guide = train_size x (elbo_terms loss + a constant),
+    gradients included: the model declares the likelihood the weights are trained with."""
+    import math
+
+    from pyro.infer import TraceMeanField_ELBO
+
+    x, y = batch
+    stats = [[0.1, 0.3], [-0.05, 0.2], [1.0, 0.5]]
+    model = small_model(loss=loss, target_stats=stats, train_size=40)
+    torch.manual_seed(3)
+    ours = model.elbo_terms(x, y)["loss"]
+    ours.backward()
+    grads = [p.grad.clone() for p in (model.posterior.loc[-1], model.posterior.rho[-1], model.posterior.loc[0])]
+    model.zero_grad()
+    torch.manual_seed(3)  # the same weight draw: the ELBO traces the guide first, as elbo_terms
+    pyro_loss = TraceMeanField_ELBO(max_plate_nesting=1).differentiable_loss(model.model, model.guide, x, y)
+    const = sum(math.log(s) for _, s in stats) + (1.5 * math.log(2 * math.pi) if loss == "decoupled" else 0.0)
+    assert torch.allclose(pyro_loss / 40, ours + const, rtol=1e-5)
+    (pyro_loss / 40).backward()
+    for g, p in zip(grads, (model.posterior.loc[-1], model.posterior.rho[-1], model.posterior.loc[0])):
+        assert torch.allclose(p.grad, g, rtol=1e-3, atol=1e-4 * float(g.abs().max()))  # float32 round-off
+    assert grads[0].abs().sum() > 0
+
+
+def test_predictive_draw_has_the_moments_of_that_draw_in_predict(batch):
+    """One guide draw replayed through the model (y=None): obs ~ N(mean, cov) with the draw's symmetrised,
+    calibrated mean and aleatoric covariance, exactly what predict_samples gives for that same draw."""
+    from pyro import poutine
+
+    x, _ = batch
+    model = small_model(symmetrise=True, init_scale=-4.0).eval()
+    with torch.no_grad():
+        model.target_transform.response.copy_(torch.tensor([[0.8, 0.01], [0.9, -0.02], [1.0, 0.0]]))
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # the guide's draw = predict_samples' first draw for that seed
+        trace = poutine.trace(model.guide).get_trace(x)
+        mean, cov = poutine.replay(model.model, trace=trace)(x)
+        ref = model.predict_samples(x, samples=1, seed=seed)
+        assert torch.allclose(mean, ref["mean"], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(cov, ref["total_cov"], rtol=1e-4, atol=1e-8)
+    other = model.predict_samples(x, samples=1, seed=3)["mean"]
+    assert not torch.allclose(mean, other, atol=1e-4)  # the draws matter: the comparison can fail
+
+
+def test_predictive_on_a_loaded_checkpoint_reproduces_predict(batch, tmp_path, synthetic_small_h5):
+    """Predictive(model, guide) on a loaded, calibrated checkpoint: mean and covariance of obs over S
+    draws = those `cosmolit predict` writes (infer.predict_shapes), within Monte Carlo error."""
+    import pytorch_lightning as pl
+    from pyro.infer import Predictive
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cosmolit.infer import predict_shapes
+    from cosmolit.models.bnn import BayesianShapeCNN
+
+    x, y = batch
+    model = small_model()
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    with torch.no_grad():  # a wider guide (epistemic spread ~ aleatoric) and a calibration, as after fit
+        for rho in model.posterior.rho:
+            rho.add_(4.0)
+        model.target_transform.response.copy_(torch.tensor([[0.8, 0.01], [0.9, -0.02], [1.0, 0.0]]))
+        model.target_transform.sigma_scale.copy_(torch.tensor([1.6, 0.7, 1.0]))
+    ckpt = tmp_path / "bnn.ckpt"
+    trainer.save_checkpoint(str(ckpt))
+    bnn = BayesianShapeCNN.load_from_checkpoint(str(ckpt), map_location="cpu").eval()
+    S, S_pred = 300, 3000
+    torch.manual_seed(0)
+    with torch.no_grad():
+        obs = Predictive(bnn.model, guide=bnn.guide, num_samples=S)(x)["obs"].double()  # (S, 8, T)
+    pred = {k: torch.from_numpy(v).double()
+            for k, v in predict_shapes(bnn, "bnn", synthetic_small_h5, samples=S_pred, limit=8, progress=False).items()}
+    mean, dev = obs.mean(0), obs - obs.mean(0)
+    cov = torch.einsum("sbi,sbj->bij", dev, dev) / (S - 1)
+    epi = pred["epistemic_cov"]
+    epi_var = torch.diagonal(epi, dim1=-2, dim2=-1)
+    # standard errors: of obs' moments from its own draws, of predict's from its S_pred draws
+    se_mean = torch.sqrt(obs.var(0) / S + epi_var / S_pred)
+    prod = dev.unsqueeze(-1) * dev.unsqueeze(-2)  # (S, 8, T, T)
+    se_cov = torch.sqrt(prod.var(0) / S + (epi_var.unsqueeze(-1) * epi_var.unsqueeze(-2) + epi ** 2) / S_pred)
+    assert ((mean - pred["mean"]).abs() / se_mean).max() < 5
+    assert ((cov - pred["cov"]).abs() / se_cov).max() < 5
+    # the test can fail: leaving out the epistemic part, or its uncertainty calibration, is seen
+    assert ((cov - pred["aleatoric_cov"]).abs() / se_cov).max() > 10
+    assert torch.allclose(pred["cov"], pred["aleatoric_cov"] + epi)
+    assert (epi[:, 0, 0] * (1 - 1 / 1.6 ** 2) / se_cov[:, 0, 0]).max() > 6

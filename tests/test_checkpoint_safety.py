@@ -52,6 +52,9 @@ def _commands(ckpt, data, tmp, cfg):
         "evaluate": ["evaluate", "--ckpt", ckpt, "--data", data, "--out", tmp / "ev", "--no-hsm", "-q", "-a", "cpu"],
         "predict": ["predict", "--ckpt", ckpt, "--data", data, "--out", tmp / "p.h5", "-q", "-a", "cpu"],
         "generate": ["generate", "--ckpt", ckpt, "--n", "2", "--out", tmp / "g.h5", "-q", "-a", "cpu"],
+        # the data is the checkpoint's training file: allowed here, so that only the checkpoint can be refused
+        "calibrate": ["calibrate", "--ckpt", ckpt, "--data", data, "--out", tmp / "c.ckpt", "-q", "-a", "cpu",
+                      "--allow-training-data"],
         "info": ["info", ckpt],
     }
 
@@ -66,7 +69,7 @@ def _check_refused(res, outputs=()):
     return lines[0]
 
 
-@pytest.mark.parametrize("command", ["evaluate", "predict", "generate", "info", "resume"])
+@pytest.mark.parametrize("command", ["evaluate", "predict", "generate", "calibrate", "info", "resume"])
 def test_malicious_checkpoint_is_refused(trained, synthetic_small_h5, tmp_path, command):
     run, cfg = trained
     marker = tmp_path / "PWNED"
@@ -80,7 +83,7 @@ def test_malicious_checkpoint_is_refused(trained, synthetic_small_h5, tmp_path, 
     else:
         args = _commands(evil, synthetic_small_h5, tmp_path, cfg)[command]
     res = CliRunner().invoke(app, [str(a) for a in args])
-    line = _check_refused(res, [tmp_path / "ev", tmp_path / "p.h5", tmp_path / "g.h5"])
+    line = _check_refused(res, [tmp_path / "ev", tmp_path / "p.h5", tmp_path / "g.h5", tmp_path / "c.ckpt"])
     assert "refused" in line and "system" in line  # names the offending global
     assert not marker.exists()
 

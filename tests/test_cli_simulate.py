@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -145,3 +147,73 @@ def test_show_writes_two_pngs(tmp_path, synthetic_small_h5):
     r = run("show", tmp_path / "missing.h5", "--out", tmp_path / "z.png")
     assert r.exit_code == 2 and "does not exist" in error_line(r)
     assert not (tmp_path / "z.png").exists()
+
+
+def _wait_for_partial(folder, pid, deadline=120):
+    import time
+
+    end = time.time() + deadline
+    while time.time() < end:
+        found = [p for p in folder.iterdir() if p.name.startswith(f".x.h5.{pid}.") and p.name.endswith(".partial.h5")]
+        if found:
+            time.sleep(1.0)  # let it write some blocks
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no temporary file of process {pid} after {deadline} s")
+
+
+def test_sigterm_removes_the_temporary_file_and_a_killed_runs_leftover(tmp_path):
+    """A real `cosmolit simulate`: SIGKILL leaves a .partial; the next run of the same command removes
+    it, and SIGTERM to that run (with workers) exits 143 leaving nothing, workers included."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "cosmolit", "simulate", "--n", "5000", "--out", str(tmp_path / "x.h5"),
+           "--stamp-size", "32", "--bands", "gri"]
+    killed = subprocess.Popen([*cmd, "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stale = _wait_for_partial(tmp_path, killed.pid)
+    killed.kill()
+    assert killed.wait() == -signal.SIGKILL and stale.exists()
+
+    proc = subprocess.Popen([*cmd, "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_partial(tmp_path, proc.pid)
+    assert not stale.exists()  # removed by the next run of the same output
+    children, workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children"), []  # Linux: the worker pids
+    end = time.time() + 60
+    while children.exists() and len(workers) < 2 and time.time() < end:
+        workers = [int(p) for p in children.read_text().split()]
+        time.sleep(0.05)
+    assert len(workers) == 2 or not children.exists()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"cosmolit: stopped by SIGTERM; the unfinished {str(tmp_path / 'x.h5')!r} was removed"]
+    assert list(tmp_path.iterdir()) == []
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_simulate_refuses_at_once_an_output_larger_than_the_free_space(tmp_path, monkeypatch):
+    import re
+    import shutil
+    import time
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 50 * 10**9))
+    t0 = time.perf_counter()
+    r = run("simulate", "--n", 10**10, "--out", tmp_path / "x.h5", *SMALL)
+    assert time.perf_counter() - t0 < 10
+    assert r.exit_code == 2
+    line = error_line(r)
+    m = re.fullmatch(r"cosmolit: error: output '.*x\.h5' needs about ([\d.]+) TB but only 50\.0 GB are free in '.*'",
+                     line)
+    assert m, line
+    # 1e10 stamps of images + clean, 3 bands of 32 x 32 float32, plus the truth columns
+    assert 2 * 3 * 32 * 32 * 4 * 10**10 < float(m.group(1)) * 1e12 < 1.02 * 2 * 3 * 32 * 32 * 4 * 10**10
+    assert list(tmp_path.iterdir()) == []

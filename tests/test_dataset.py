@@ -1,4 +1,5 @@
 import hashlib
+import os
 
 import h5py
 import numpy as np
@@ -122,3 +123,74 @@ def test_written_file_has_normal_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (os.stat(p).st_mode & 0o777) == 0o644
+
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has run and been reaped."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write(path, n=4):
+    with DatasetWriter(path, n, "gri", 8, 8, ["e1", "e2", "redshift"]) as w:
+        w.write(0, np.zeros((n, 3, 8, 8)), {k: np.zeros(n) for k in ("e1", "e2", "redshift")})
+
+
+def test_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    dead = _dead_pid()
+    stale = tmp_path / f".x.h5.{dead}.k2j4_xq9.partial.h5"  # what a SIGKILLed writer of x.h5 leaves
+    live = tmp_path / f".x.h5.{os.getpid()}.abcd1234.partial.h5"  # a running writer's (this process)
+    other = tmp_path / f".x.h5.5.{dead}.abcd1234.partial.h5"  # a dead writer of another output, x.h5.5
+    for p in (stale, live, other):
+        p.write_bytes(b"half")
+    _write(tmp_path / "x.h5")
+    assert not stale.exists() and live.exists() and other.exists()
+    assert inspect_dataset(tmp_path / "x.h5").n == 4
+
+
+def test_sigterm_during_a_write_removes_the_temporary_file_and_exits_143(tmp_path):
+    import signal
+    import time
+
+    from cosmolit.dataset import Terminated, atomic_path
+
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with pytest.raises(Terminated) as info:
+        with atomic_path(tmp_path / "x.json", ".json") as tmp:
+            tmp.write_text("{")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+    assert info.value.code == 143
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored: SIGTERM kills again after the write
+    # a handler already set (e.g. `cosmolit fit`'s, which saves a checkpoint first) is left to do its job
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with atomic_path(tmp_path / "y.json", ".json") as tmp:
+            tmp.write_text("{}")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [signal.SIGTERM] and (tmp_path / "y.json").read_text() == "{}"
+
+
+def test_writer_refuses_an_output_larger_than_the_free_space(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    _write(tmp_path / "real.h5", n=40)
+    w = DatasetWriter(tmp_path / "real.h5", 40, "gri", 8, 8, ["e1", "e2", "redshift"])
+    size = (tmp_path / "real.h5").stat().st_size
+    assert size <= w.nbytes <= size + 2**17  # the estimate is the file's size, and never below it
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 1500))
+    with pytest.raises(UsageError, match=r"'.*big\.h5' needs about 3\.1 GB but only 1\.5 kB are free in"):
+        DatasetWriter(tmp_path / "big.h5", 10**6, "gri", 16, 16, ["e1"]).__enter__()  # 1e6 * (3 * 16 * 16 * 4 + 8) B
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real.h5"]

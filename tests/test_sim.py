@@ -27,11 +27,12 @@ def digest(path) -> str:
 
 
 @pytest.mark.parametrize("sed", range(len(SED_NAMES)))
-def test_tabulated_band_fluxes_match_calculate_flux_within_one_percent(sed):
-    rng = np.random.default_rng(sed)
-    for z in rng.uniform(0.0, 3.5, 12):
+def test_tabulated_band_fluxes_match_calculate_flux_within_0p2_percent(sed):
+    # midpoints of the 0.01 redshift grid, where linear interpolation is worst (every 7th, for time;
+    # z = 0.005 among them, the worst measured: 0.19 %)
+    for z in np.arange(0.005, 4.0, 0.01)[::7]:
         ratio = band_fluxes(sed, z) / exact_band_fluxes(sed, z)
-        assert np.all(np.abs(ratio - 1) < 0.01), (z, ratio)
+        assert np.all(np.abs(ratio - 1) < 0.002), (z, ratio)
 
 
 def test_colours_follow_the_sed_at_the_redshift():
@@ -227,3 +228,80 @@ def test_catalog_missing_columns_are_named(tmp_path, catsim_sample):
     with pytest.raises(UsageError, match="a_d, y_ab"):
         simulate_to_file(small(catalog=str(bad)), tmp_path / "x.h5", n=2, seed=0, progress=False)
     assert not (tmp_path / "x.h5").exists()
+
+
+def _plenty_of_space(monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**60, 0, 2**60))
+
+
+def test_a_huge_run_starts_at_once_in_bounded_memory_and_shows_progress_from_the_first_block(tmp_path, monkeypatch):
+    import time
+    import tracemalloc
+
+    import cosmolit.progress
+
+    _plenty_of_space(monkeypatch)
+    calls, advanced = [], []
+    real = sim_module._draw_range
+
+    def first_block_then_stop(args):
+        calls.append(args[2:4])
+        if len(calls) == 2:
+            assert advanced == [sim_module.UNIT]  # the first block was counted before the second is drawn
+            raise KeyboardInterrupt
+        return real(args)
+
+    class Bar:
+        def __init__(self, total, description, enabled=True):
+            pass
+
+        def __enter__(self):
+            return advanced.append
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(sim_module, "_draw_range", first_block_then_stop)
+    monkeypatch.setattr(cosmolit.progress, "progress_bar", Bar)
+    cfg = small()
+    real((cfg.to_yaml(), 0, 0, 1, True))  # build the drawer outside the measurement
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        simulate_to_file(cfg, tmp_path / "x.h5", n=10**8, seed=0, progress=True)
+    elapsed = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert calls == [(0, 16), (16, 32)]
+    assert peak < 20e6 and elapsed < 20, (peak, elapsed)  # no per-stamp or per-block state for the run
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_workers_killed_from_outside_fail_the_run_without_hanging(tmp_path, monkeypatch):
+    import multiprocessing
+    import os
+    import signal
+
+    import cosmolit.progress
+
+    class KillWorkers:  # a scheduler's signal reaching the workers after the first block
+        def __init__(self, total, description, enabled=True):
+            pass
+
+        def __enter__(self):
+            def advance(k):
+                for p in multiprocessing.active_children():
+                    os.kill(p.pid, signal.SIGKILL)
+            return advance
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(cosmolit.progress, "progress_bar", KillWorkers)
+    with pytest.raises(RuntimeError, match="simulation worker 1 died"):
+        simulate_to_file(small(), tmp_path / "x.h5", n=96, seed=0, workers=2, progress=True)
+    assert list(tmp_path.iterdir()) == [] and multiprocessing.active_children() == []

@@ -141,16 +141,19 @@ def trainer_kwargs(
     """pl.Trainer keyword arguments for one accelerator; prints one line saying what was chosen.
 
     `accelerator` is a resolved name (cpu, gpu or ipu; 'auto' is resolved here too).
-    gpu with devices > 1 uses DDP (Lightning detects SLURM by itself); ipu builds Lightning's
-    IPUStrategy with poptorch.Options from `ipu` (devices = replication factor).
+    gpu or cpu with devices > 1 uses DDP, one process per device (NCCL between GPUs, gloo between
+    CPU processes; Lightning starts the other processes itself, or takes them from SLURM's srun,
+    see `num_nodes`); ipu builds Lightning's IPUStrategy with poptorch.Options from `ipu`
+    (devices = replication factor).
     """
     accelerator = resolve_accelerator(accelerator)
     if isinstance(devices, bool) or not isinstance(devices, int) or devices <= 0:
         raise UsageError(f"--devices must be a positive integer, got {devices!r}")
     if accelerator == "cpu":
-        if devices != 1:
-            raise UsageError(f"--devices {devices} on cpu: use 1 (cpu runs use all cores in one process)")
         _check_precision(precision, CPU_PRECISIONS, "cpu")
+        if devices > 1:
+            echo(f"accelerator: cpu x{devices} (DDP over gloo, one process each), precision {precision}")
+            return {"accelerator": "cpu", "devices": devices, "strategy": "ddp", "precision": precision}
         echo(f"accelerator: cpu, precision {precision}")
         return {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": precision}
     if accelerator == "gpu":
@@ -168,6 +171,26 @@ def trainer_kwargs(
     from cosmolit.backends.ipu import ipu_trainer_kwargs
 
     return ipu_trainer_kwargs(devices, precision, seed, ipu, echo)
+
+
+def num_nodes(given: Optional[int] = None, environ: Optional[dict] = None) -> int:
+    """Machines of a DDP run: `given`, else SLURM's node count (SLURM_NNODES) for a process started
+    by srun (SLURM_NTASKS set, job name not bash / interactive: Lightning's own test), else 1.
+    Lightning takes the ranks from srun's SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID and SLURM_NTASKS,
+    and refuses a num_nodes other than SLURM_NNODES."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, int) or given <= 0:
+            raise UsageError(f"num_nodes must be a positive integer, got {given!r}")
+        return given
+    if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        try:
+            return max(1, int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1))
+        except ValueError:
+            raise UsageError(f"SLURM_NNODES {env.get('SLURM_NNODES')!r} is not a number of nodes") from None
+    return 1
 
 
 def _check_precision(precision: str, allowed: tuple, where: str) -> None:

@@ -98,6 +98,12 @@ def _timing_callback_class():
         warmup_epochs: epochs not recorded (the study: 10).
         steps_per_call: optimizer steps per Lightning batch (IPU device_iterations), divides step times.
         sync: synchronise the device around each step (CUDA); epochs are always synchronised.
+
+        A step runs from on_train_batch_start to this callback's on_train_batch_end: the step alone,
+        without fetching the batch or the module's own batch-end work. An epoch runs from its
+        on_train_epoch_start to the next epoch's (or to on_train_end): every batch with its fetching
+        and transfer, validation, the module's and the other callbacks' epoch-end work, logging
+        and the loop's bookkeeping.
         """
 
         def __init__(self, warmup_steps: int = 0, warmup_epochs: int = 0, steps_per_call: int = 1,
@@ -126,6 +132,7 @@ def _timing_callback_class():
                 return None
 
         def on_train_epoch_start(self, trainer, pl_module):
+            self._close_epoch(pl_module)  # the previous epoch ends where this one starts
             synchronize(self._device(pl_module))
             self._epoch_t0 = time.perf_counter()
 
@@ -145,7 +152,10 @@ def _timing_callback_class():
                 self.step_times.append(dt)
             self.calls += 1
 
-        def on_train_epoch_end(self, trainer, pl_module):
+        def on_train_end(self, trainer, pl_module):
+            self._close_epoch(pl_module)
+
+        def _close_epoch(self, pl_module):
             if self._epoch_t0 is None:
                 return
             synchronize(self._device(pl_module))

@@ -126,6 +126,7 @@ def overhead_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="cnn batch (default: 32)."),
     bnn_batch_size: Optional[int] = typer.Option(None, "--bnn-batch-size", help="BNN batch (default: 32)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Timed steps per round and side (default: 8)."),
+    epoch_images: Optional[int] = typer.Option(None, "--epoch-images", help="lightning: images of the timed epoch per round and side (default: 256)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Alternating rounds (default: 3)."),
     parts: Optional[str] = typer.Option(None, "--parts", help="Comma-separated: lightning, pyro, mfu, malloc, compile (default: lightning, pyro, mfu)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads."),
@@ -134,13 +135,13 @@ def overhead_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Results JSON."),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
-    """Lightning vs bare loop, Pyro vs plain-torch BNN, and model-FLOPs utilisation, side by side."""
+    """Lightning's fit vs bare loop (whole epochs), Pyro vs plain-torch BNN, and model-FLOPs utilisation, side by side."""
     from cosmolit.bench.overhead import OverheadConfig, run_overhead_bench
     from cosmolit.bench.results import write_results
 
     _check_out(out, force)
     overrides = {"accelerator": accelerator, "batch_size": batch_size, "bnn_batch_size": bnn_batch_size,
-                 "steps": steps, "rounds": rounds, "threads": threads,
+                 "steps": steps, "epoch_images": epoch_images, "rounds": rounds, "threads": threads,
                  "parts": [p.strip() for p in parts.split(",") if p.strip()] if parts is not None else None}
     cfg = _section(config, "overhead", OverheadConfig, overrides)
     payload = run_overhead_bench(cfg, echo=typer.echo, label=label)

@@ -57,6 +57,10 @@ def fit_cmd(
     }
     result = fit(model, data, out, config=config, overrides=overrides, resume=resume, force=force,
                  progress=not quiet, echo=typer.echo)
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # DDP: the other processes of the run stay quiet
+        return
     val = result.metrics.get("val_loss")
     typer.echo("")
     typer.echo(f"trained {model} on {result.accelerator}" + (f"; final val_loss {val:.4g}" if val is not None else ""))
@@ -82,12 +86,14 @@ def evaluate_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="CNN, BNN: evaluate the first N stamps only "
                                         "(default: all). For a VAE, --n-generate sets the number."),
     accelerator: str = typer.Option("auto", "--accelerator", "-a", help="auto, cpu or gpu (inference)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the BNN's weight draws and of the VAE's generation."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing metrics.json."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    allow_training_data: bool = typer.Option(False, "--allow-training-data", help="Accept the checkpoint's training or calibration "
+                                             "file as --data (the report says so)."),
 ) -> None:
     """Measure a model against truth (and GalSim HSM); write metrics.json, report.md and plots."""
-    from cosmolit.checkpoint import load_model
+    from cosmolit.checkpoint import load_model, refuse_overlap
     from cosmolit.dataset import inspect_dataset, iter_images, read_truth
     from cosmolit.infer import REDRAWN_WHY, generate_images, inference_device, load_images, predict_shapes
 
@@ -103,9 +109,13 @@ def evaluate_cmd(
     net, kind, checkpoint = load_model(ckpt, expected=model)
     targets = list(net.hparams.get("targets", []) or [])
     info = inspect_dataset(data, require_truth=targets)
-    net.check_compatible(info)
     if limit is not None and kind == "vae":
         raise UsageError("--limit applies to CNN and BNN checkpoints; for a VAE, --n-generate sets how many stamps are compared")
+    warnings = net.check_compatible(info, echo=typer.echo)
+    overlap = refuse_overlap(checkpoint, data, ("training", "calibration"), allow_training_data,
+                             "evaluate on stamps the model has not seen (another seed)")
+    if overlap:
+        typer.echo(f"warning: evaluating on the checkpoint's {' and '.join(overlap)} file (--allow-training-data)")
     n = info.n if limit is None else min(limit, info.n)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -124,12 +134,12 @@ def evaluate_cmd(
             snr = _truth_column(data, "snr", len(real))
             metrics = evaluate_generation(out, real, generated, info.bands, info.pixel_scale,
                                           reconstructions=recon, progress=progress, reference=reference, snr=snr,
-                                          redrawn=redrawn)
+                                          redrawn=redrawn, data_overlap=overlap, warnings=warnings)
         else:
             from cosmolit.measure.report import evaluate_shapes
 
             preds = predict_shapes(net, kind, data, batch_size=batch_size, samples=samples, device=device,
-                                   progress=progress, limit=n)
+                                   progress=progress, limit=n, seed=seed)
             truth = {k: v[:n] for k, v in read_truth(data).items()}
             import numpy as np
 
@@ -140,6 +150,7 @@ def evaluate_cmd(
                 epistemic_cov=preds.get("epistemic_cov"), hsm=not no_hsm, progress=progress,
                 response=net.target_transform.responses(), sigma_scale=net.target_transform.sigma_scales(),
                 calibration_source=(checkpoint.get("cosmolit") or {}).get("calibration"),
+                data_overlap=overlap, warnings=warnings, bnn_seed=seed if kind == "bnn" else None,
             )
     except BaseException:
         if created:  # nothing half-written: drop the folder this run made
@@ -209,6 +220,7 @@ def predict_cmd(
     samples: Optional[int] = typer.Option(None, "--samples", help="BNN weight samples per stamp (default 100)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b"),
     accelerator: str = typer.Option("auto", "--accelerator", "-a", help="auto, cpu or gpu."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the BNN's weight draws."),
     force: bool = typer.Option(False, "--force"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -225,8 +237,9 @@ def predict_cmd(
     if kind == "vae":
         raise UsageError(f"checkpoint {str(ckpt)!r} holds a vae model; predict needs a cnn or bnn (use generate)")
     info = inspect_dataset(data, require_truth=())
-    net.check_compatible(info)
-    preds = predict_shapes(net, kind, data, batch_size=batch_size, samples=samples, device=device, progress=not quiet)
+    net.check_compatible(info, echo=typer.echo)
+    preds = predict_shapes(net, kind, data, batch_size=batch_size, samples=samples, device=device, progress=not quiet,
+                           seed=seed)
     targets = list(net.hparams["targets"])
     write_predictions(out, data, preds, targets, {"prediction_checkpoint": str(ckpt), "prediction_model": kind})
     typer.echo(f"wrote predictions of {', '.join(targets)} for {info.n} stamps to {out} "
@@ -242,6 +255,7 @@ def calibrate_cmd(
     accelerator: str = typer.Option("auto", "--accelerator", "-a", help="auto, cpu or gpu."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out (even --ckpt itself)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    allow_training_data: bool = typer.Option(False, "--allow-training-data", help="Accept the checkpoint's training file as --data."),
 ) -> None:
     """Measure a shape network's response (1 + m, c) and uncertainty calibration again on a larger
     simulation and write a checkpoint that removes them; the weights are unchanged."""
@@ -251,7 +265,8 @@ def calibrate_cmd(
     _positive(batch_size, "--batch-size")
     check_output_path(out, force, what="--out")
     device = inference_device(accelerator)
-    record = calibrate_checkpoint(ckpt, data, out, batch_size=batch_size, device=device, progress=not quiet)
+    record = calibrate_checkpoint(ckpt, data, out, batch_size=batch_size, device=device, progress=not quiet,
+                                  echo=typer.echo, allow_training_data=allow_training_data)
     typer.echo(f"calibrated {ckpt} on {data} ({record['n']} stamps, seed {record['seed']})")
     for name, r in record["response"].items():
         typer.echo(f"  {name}: response 1 + m = {r['slope']:.4f}, c = {r['intercept']:+.5f}; removed from predictions")

@@ -50,5 +50,5 @@ def quickstart(
     typer.echo("[4/4] evaluating on the test set, with GalSim HSM REGAUSS and KSB on the same stamps")
     evaluate_cmd(ckpt=result.checkpoint, data=test, out=out / "eval", model="cnn", samples=None,
                  batch_size=64, n_generate=1000, no_hsm=False, limit=None, accelerator="cpu", seed=seed, force=True,
-                 quiet=False)
+                 quiet=False, allow_training_data=False)
     typer.echo(f"done: open {out / 'eval' / 'report.md'}")

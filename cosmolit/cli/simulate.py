@@ -5,9 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+import contextlib
+
 import typer
 
 from cosmolit.cli._app import command
+
+
+@contextlib.contextmanager
+def _report_sigterm(out: Path):
+    """SIGTERM (exit 143): say in one line that the unfinished output was removed."""
+    from cosmolit.dataset import Terminated
+
+    try:
+        yield
+    except Terminated:
+        typer.echo(f"cosmolit: stopped by SIGTERM; the unfinished {str(out)!r} was removed", err=True)
+        raise
 
 
 @command("simulate")
@@ -53,8 +67,9 @@ def simulate_cmd(
         "store_clean": False if no_clean else None,
         "store_scene": True if scene else None,
     })
-    path = simulate_to_file(cfg, out, n=n, seed=seed, workers=workers, shard=shard, num_shards=num_shards,
-                            force=force, progress=not quiet)
+    with _report_sigterm(out):
+        path = simulate_to_file(cfg, out, n=n, seed=seed, workers=workers, shard=shard, num_shards=num_shards,
+                                force=force, progress=not quiet)
     if not quiet:
         typer.echo(f"wrote {path}")
 
@@ -69,7 +84,8 @@ def merge_cmd(
     """Merge the shards of one `simulate --shard i --num-shards n` run into one file."""
     from cosmolit.sim import merge_files
 
-    path = merge_files(out, shards, force=force, progress=not quiet)
+    with _report_sigterm(out):
+        path = merge_files(out, shards, force=force, progress=not quiet)
     if not quiet:
         typer.echo(f"wrote {path}")
 

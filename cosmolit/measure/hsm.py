@@ -7,7 +7,10 @@ For every stamp, one band is measured with `galsim.hsm.EstimateShear` (PSF-corre
   |g| = (a-b)/(a+b); it is converted here to a distortion, e = 2 g / (1 + |g|^2), so that both
   are compared with the distortion truth of cosmolit datasets.
 
-The PSF image is `galsim.Kolmogorov(fwhm=psf_fwhm)` drawn at the file's pixel scale. The sky
+The PSF image is the PSF that drew the stamps, rebuilt from a cosmolit.sim file's stored
+configuration (`psf_for_dataset`: Kolmogorov of the file's FWHM, convolved with the obscured Airy
+of the `airy` preset), or `galsim.Kolmogorov(fwhm=psf_fwhm)` for other files, drawn at the file's
+pixel scale. The sky
 variance, unless given, is estimated per stamp from the outer frame of pixels (robust: MAD).
 A failed measurement (error message set, -10 sentinels, non-finite values) is flagged, never
 dropped: ok is False and e1, e2 are NaN.
@@ -61,6 +64,34 @@ def psf_image(psf_fwhm: float, pixel_scale: float, size: int):
     return galsim.Kolmogorov(fwhm=float(psf_fwhm)).drawImage(nx=size, ny=size, scale=float(pixel_scale))
 
 
+def psf_for_dataset(info, band: str):
+    """(galsim profile, description) of the PSF of `band` in a dataset (cosmolit.dataset.DatasetInfo):
+    rebuilt from its stored simulation config (cosmolit.sim.survey.make_psf) at the file's own
+    psf_fwhm; Kolmogorov(psf_fwhm) when the file has no cosmolit simulation config (another tool's,
+    cosmolit.synthetic), which the description says."""
+    import dataclasses
+
+    import galsim
+
+    fwhm = float(info.psf_fwhm[info.bands.index(band)])
+    if not (np.isfinite(fwhm) and fwhm > 0):
+        raise UsageError(f"dataset {info.path!r} has no positive psf_fwhm for band {band} ({fwhm}); the HSM baseline "
+                         "needs it: add the attribute or pass --no-hsm")
+    why = "the file stores no simulation config"
+    if str(info.config).strip():
+        try:
+            from cosmolit.sim.config import config_from_yaml_text
+            from cosmolit.sim.survey import band_surveys, make_psf
+
+            cfg = config_from_yaml_text(info.config)
+            survey = dataclasses.replace(band_surveys(cfg, band)[0], psf_fwhm=fwhm)
+            what = "convolved with the obscured Airy of the telescope" if cfg.psf.airy else "alone"
+            return make_psf(cfg, survey), f"Kolmogorov FWHM {fwhm:.3f} arcsec {what}, rebuilt from the file's config"
+        except Exception:  # not a cosmolit.sim config (another generator, an older or newer cosmolit)
+            why = "the file's config is not a cosmolit simulation config"
+    return galsim.Kolmogorov(fwhm=fwhm), f"Kolmogorov FWHM {fwhm:.3f} arcsec, assumed ({why})"
+
+
 def _check_args(images, bands: str, band: str, psf_fwhm, pixel_scale, methods) -> tuple[np.ndarray, int, list[str]]:
     images = np.asarray(images)
     if images.ndim != 4:
@@ -81,11 +112,12 @@ def _check_args(images, bands: str, band: str, psf_fwhm, pixel_scale, methods) -
 
 
 def run_hsm(images, bands: str, band: str, psf_fwhm: float, pixel_scale: float,
-            methods: Sequence[str] = METHODS, sky_var=None, progress: bool = True) -> dict[str, dict]:
+            methods: Sequence[str] = METHODS, sky_var=None, progress: bool = True, psf=None) -> dict[str, dict]:
     """PSF-corrected ellipticities of every stamp in one band, per method.
 
     images: (N, B, H, W) electrons; bands: the letters of the B channels; band: the one measured;
-    psf_fwhm [arcsec] and pixel_scale [arcsec/pixel]: the Kolmogorov PSF model of that band;
+    psf_fwhm [arcsec] and pixel_scale [arcsec/pixel]: the Kolmogorov PSF model of that band, unless
+    `psf` (a galsim profile, e.g. from psf_for_dataset) is given;
     sky_var: None (estimated per stamp from the border), a float, or an (N,) array [electrons^2].
 
     Returns {method: {"e1": (N,), "e2": (N,), "ok": (N,) bool, "message": list of str}};
@@ -104,7 +136,10 @@ def run_hsm(images, bands: str, band: str, psf_fwhm: float, pixel_scale: float,
         var = np.broadcast_to(np.asarray(sky_var, dtype=np.float64), (n,)).copy()
         if (~np.isfinite(var)).any() or (var < 0).any():
             raise UsageError("sky_var must be finite and >= 0 (electrons^2 per pixel)")
-    psf = psf_image(psf_fwhm, pixel_scale, max(h, w))
+    if psf is None:
+        psf = psf_image(psf_fwhm, pixel_scale, max(h, w))
+    else:
+        psf = psf.drawImage(nx=max(h, w), ny=max(h, w), scale=float(pixel_scale))
     out = {m: {"e1": np.full(n, np.nan), "e2": np.full(n, np.nan), "ok": np.zeros(n, bool), "message": [""] * n}
            for m in methods}
     with progress_bar(n, f"HSM {'+'.join(methods)} ({band} band)", enabled=progress) as advance:

@@ -151,7 +151,8 @@ def _rmse_references(pred: np.ndarray, true: np.ndarray, response: dict | None) 
 def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], truth: dict,
                     images, dataset_info, model_kind: str, epistemic_cov=None, hsm: bool = True,
                     progress: bool = True, hsm_band: str | None = None, response: dict | None = None,
-                    sigma_scale: dict | None = None, calibration_source: dict | None = None) -> dict:
+                    sigma_scale: dict | None = None, calibration_source: dict | None = None,
+                    data_overlap: Sequence[str] = (), warnings: Sequence[str] = (), bnn_seed: int | None = None) -> dict:
     """Evaluate shape / redshift predictions; write metrics.json, report.md and PNGs into out_dir.
 
     y_true, mean: (N, T); cov: (N, T, T) predicted covariance (total for the BNN) or None;
@@ -162,8 +163,11 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
     (default i, else r); response: {target: {slope, intercept}} the model removed from its
     predictions (cosmolit.models.targets) and sigma_scale: {target: factor} its uncertainty
     calibration, both recorded as is, with calibration_source ({path, seed, n} of the dataset
-    `cosmolit calibrate` measured them on; None: the validation split). Returns the metrics dict (as written,
-    NaN -> None).
+    `cosmolit calibrate` measured them on; None: the validation split); data_overlap: the roles
+    ('training', 'calibration') the dataset played for the checkpoint (cosmolit.checkpoint.data_overlap),
+    recorded under `data_overlap` and said at the top of report.md; warnings: lines about the dataset
+    (CosmolitModule.check_compatible), recorded as `dataset_warnings`; bnn_seed: the seed of the BNN's
+    weight draws. Returns the metrics dict (as written, NaN -> None).
     """
     from cosmolit.measure import plots
     from cosmolit.measure.calibration import calibration_metrics
@@ -196,7 +200,11 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
         "uncertainty_calibration": dict(sigma_scale or {}),
         "calibration_source": ({k: calibration_source.get(k) for k in ("path", "seed", "n")}
                                if calibration_source else "validation split"),
+        "data_overlap": list(data_overlap),
+        "dataset_warnings": list(warnings),
     }
+    if bnn_seed is not None:
+        metrics["bnn_seed"] = int(bnn_seed)
     for j, name in enumerate(names):
         metrics[name] = _target_metrics(name, mu[:, j], y[:, j])
         if name in ELLIPTICITY:
@@ -232,14 +240,15 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
             raise UsageError("the HSM baseline needs the images; pass them or turn HSM off (--no-hsm)")
         if dataset_info is None:
             raise UsageError("the HSM baseline needs the dataset description (bands, pixel scale, PSF FWHM)")
-        from cosmolit.measure.hsm import failure_summary, run_hsm
+        from cosmolit.measure.hsm import failure_summary, psf_for_dataset, run_hsm
 
         band = hsm_band or _band_for_hsm(bands)
         if band not in bands:
             raise UsageError(f"HSM band {band!r} is not one of the dataset's bands {bands!r}")
         fwhm = float(dataset_info.psf_fwhm[bands.index(band)])
+        psf, psf_words = psf_for_dataset(dataset_info, band)
         one = _collect_band(images, bands, band, n)  # (N, 1, H, W)
-        hsm_res = run_hsm(one, band, band, fwhm, dataset_info.pixel_scale, progress=progress)
+        hsm_res = run_hsm(one, band, band, fwhm, dataset_info.pixel_scale, progress=progress, psf=psf)
         for method, res in hsm_res.items():
             ok = res["ok"]
             entry: dict[str, Any] = {}
@@ -250,7 +259,7 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
             # REGAUSS's corrected distortion is unbounded on noisy stamps; count |e| > 1 (kept, not hidden)
             entry["n_abs_e_gt_1"] = int(np.sum(np.hypot(res["e1"][ok], res["e2"][ok]) > 1.0))
             entry["network"] = {name: shear_bias(mu[ok, names.index(name)], y[ok, names.index(name)]) for name in ell}
-            entry.update({"band": band, "psf": f"Kolmogorov FWHM {fwhm:.3f} arcsec",
+            entry.update({"band": band, "psf": psf_words,
                           "pixel_scale": dataset_info.pixel_scale,
                           "sky_var": "per stamp, (1.4826 MAD)^2 of the 4-pixel border",
                           "output": "corrected_g converted to e = 2g/(1+|g|^2)" if method == "KSB"
@@ -308,12 +317,26 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
     return clean
 
 
+OVERLAP_WORDS = {"training": "the file the model was trained on (its validation split included)",
+                 "calibration": "the file the model's response and uncertainties were calibrated on"}
+
+
+def _caveats(m: dict) -> list[str]:
+    """report.md lines for a dataset the model has seen (--allow-training-data) and for check_compatible's warnings."""
+    lines = [f"**This dataset is {OVERLAP_WORDS[role]} (--allow-training-data): these metrics are not those of "
+             "new galaxies.**" for role in m.get("data_overlap") or ()]
+    lines += [f"- {w}" for w in m.get("dataset_warnings") or ()]
+    return lines + [""] if lines else []
+
+
 def _shapes_report(m: dict, figures) -> str:
     names = m["targets"]
     lines = [f"# Evaluation of a {m['model_kind'].upper()} model", "",
              f"Dataset `{m['dataset']}` (seed {m['seed']}, bands {m['bands']}), {m['n']} galaxies.", "",
              "Ellipticities are distortions, |e| = (a^2 - b^2)/(a^2 + b^2); bias convention "
-             "e_obs = (1 + m) e_true + c (least squares, standard errors).", "", "## Network", ""]
+             "e_obs = (1 + m) e_true + c (least squares, standard errors).", ""]
+    lines += _caveats(m)
+    lines += ["## Network", ""]
     ell = [nm for nm in names if nm in ELLIPTICITY]
     if ell:
         raw = all("rmse_uncalibrated" in m[nm] for nm in ell)
@@ -332,9 +355,14 @@ def _shapes_report(m: dict, figures) -> str:
     source = m.get("calibration_source")
     source = (f"{source.get('path')} (seed {source.get('seed')}, {source.get('n')} stamps)"
               if isinstance(source, dict) else "its validation split")
+    from cosmolit.models.targets import PLAUSIBLE_RESPONSE
+
     for nm, r in (m.get("response_calibration") or {}).items():
+        odd = not PLAUSIBLE_RESPONSE[0] <= r["slope"] <= PLAUSIBLE_RESPONSE[1]
         lines.append(f"- {nm}: the model removes the response 1 + m = {_fmt(r['slope'], '.4f')}, "
-                     f"c = {_fmt(r['intercept'], '.5f')} that it measured on {source}.")
+                     f"c = {_fmt(r['intercept'], '.5f')} that it measured on {source}."
+                     + (f" **Implausible response: it multiplies the {nm} predictions by {1 / r['slope']:.3g}.**"
+                        if odd else ""))
     if m.get("uncertainty_calibration"):
         lines.append(f"- uncertainty calibration (factor on each predicted sigma, fitted on {source}): "
                      + ", ".join(f"{nm} {_fmt(v, '.3f')}" for nm, v in m["uncertainty_calibration"].items()) + ".")
@@ -396,11 +424,13 @@ UNITS = {"size": "pixels, adaptive-moment sigma", "abs_e": "distortion", "e1": "
 
 def evaluate_generation(out_dir, real_images, generated, bands: str, pixel_scale: float,
                         reconstructions=None, progress: bool = True, band: str | None = None,
-                        reference: str = "images", snr=None, redrawn: int = 0) -> dict:
+                        reference: str = "images", snr=None, redrawn: int = 0, data_overlap: Sequence[str] = (),
+                        warnings: Sequence[str] = ()) -> dict:
     """Compare generated (M, B, H, W) with simulated (N, B, H, W) galaxies [electrons].
 
     `redrawn`: how many generated galaxies were drawn again for implausible pixels
-    (cosmolit.infer.generate_images), recorded as `n_redrawn`.
+    (cosmolit.infer.generate_images), recorded as `n_redrawn`. `data_overlap` and `warnings`: as
+    for evaluate_shapes.
 
     `reference` names what real_images are, recorded as `reference_images`: "clean" (the
     noiseless stamps, what a denoising VAE generates) or "images" (the noisy ones).
@@ -440,6 +470,8 @@ def evaluate_generation(out_dir, real_images, generated, bands: str, pixel_scale
         "n_generated": int(gen.shape[0]),
         "n_redrawn": int(redrawn),
         "reference_images": reference,
+        "data_overlap": list(data_overlap),
+        "dataset_warnings": list(warnings),
         "bands": bands,
         "pixel_scale": float(pixel_scale),
         "shape_band": rs["band"],
@@ -503,8 +535,9 @@ def _generation_report(m: dict, figures) -> str:
              f"({REFERENCE_WORDS.get(m.get('reference_images'), 'stamps')}; bands {m['bands']}, "
              f"{m['pixel_scale']} arcsec/pixel). Size and shape from galsim.hsm.FindAdaptiveMom in the "
              f"{m['shape_band']} band (moments_sigma in pixels, observed_shape as distortion, not PSF-corrected); "
-             "flux summed over the stamp [electrons]; colours -2.5 log10(F_b1/F_b2) of adjacent bands.", "",
-             "| statistic | KS | p-value | median simulated | median generated |", "|---|---|---|---|---|"]
+             "flux summed over the stamp [electrons]; colours -2.5 log10(F_b1/F_b2) of adjacent bands.", ""]
+    lines += _caveats(m)
+    lines += ["| statistic | KS | p-value | median simulated | median generated |", "|---|---|---|---|---|"]
     for k, v in m["ks"].items():
         med = m["medians"].get(k, {})
         lines.append(f"| {k} | {_fmt(v, '.3f')} | {_fmt(m['ks_pvalue'].get(k), '.3g')} | "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -39,6 +40,8 @@ from cosmolit.nn.trunk import PRELU_KINDS
 
 LR_SCHEDULES = ("constant", "cosine")
 LR_FLOOR = 0.01  # the cosine schedule ends at this fraction of lr
+# check_compatible: a PSF FWHM or sky level further than this fraction from the training's is warned about
+CONDITION_TOLERANCE = 0.05
 
 
 def _asinh_scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -64,6 +67,15 @@ def check_network_hparams(filters, prelu, lr, targets=None, lr_schedule: str = "
         raise ValueError(f"lr must be > 0, got {lr}")
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule {lr_schedule!r} is not allowed; choose one of {', '.join(LR_SCHEDULES)}")
+
+
+def _finite_floats(value, n: int) -> list[float]:
+    """`value` (a number or a list of n) as n finite floats, or [] when absent, malformed or not finite."""
+    try:
+        values = [float(v) for v in np.atleast_1d(np.asarray(value, dtype=float))] if value is not None else []
+    except (TypeError, ValueError):
+        return []
+    return values if len(values) == n and all(math.isfinite(v) for v in values) else []
 
 
 def cosine_factor(epoch: int, epochs: int) -> float:
@@ -123,8 +135,12 @@ class CosmolitModule(pl.LightningModule):
         """Inverse of `normalise`: sinh(y) * scale_b (B, C, H, W) electrons."""
         return torch.sinh(y) * self.norm_scale.to(y.dtype)
 
-    def check_compatible(self, info) -> None:
-        """UsageError when a dataset (cosmolit.dataset.DatasetInfo) has other bands or stamp size."""
+    def check_compatible(self, info, echo=None) -> list[str]:
+        """UsageError when a dataset (cosmolit.dataset.DatasetInfo) has other bands, stamp size or pixel
+        scale than the training data (provenance); one warning line for a PSF FWHM or a depth (sky
+        level) more than CONDITION_TOLERANCE from the training's, or for attributes the dataset lacks
+        (another tool's file) where the training recorded them. Returns the warning lines, each also
+        passed to `echo` when given."""
         bands, stamp = str(self.hparams.get("bands")), int(self.hparams.get("stamp"))
         if info.bands != bands:
             raise UsageError(f"dataset {info.path!r} has bands {info.bands!r} but the model was trained on {bands!r}")
@@ -132,6 +148,35 @@ class CosmolitModule(pl.LightningModule):
             raise UsageError(
                 f"dataset {info.path!r} has {info.height}x{info.width} stamps but the model expects {stamp}x{stamp}"
             )
+        prov = self.hparams.get("provenance") or {}
+        scale = _finite_floats(prov.get("pixel_scale"), 1)
+        here = _finite_floats(getattr(info, "pixel_scale", None), 1)
+        if scale and here and not math.isclose(scale[0], here[0], rel_tol=1e-3):
+            raise UsageError(f"dataset {info.path!r} has a pixel scale of {here[0]:g} arcsec but the model was "
+                             f"trained on {scale[0]:g} arcsec pixels; give stamps at the training pixel scale")
+        missing, off = [], []
+        for name, label in (("psf_fwhm", "PSF FWHM"), ("sky_level", "sky level (depth)")):
+            trained = _finite_floats(prov.get(name), len(bands))
+            now = _finite_floats(info.attrs.get(name, getattr(info, name, None)), len(bands))
+            if trained and not now:
+                missing.append(name)
+            elif trained and now:
+                far = [f"{b} {v:.4g} (trained {t:.4g})" for b, v, t in zip(bands, now, trained)
+                       if abs(v - t) > CONDITION_TOLERANCE * t]
+                if far:
+                    off.append(f"{label} " + ", ".join(far))
+        if scale and not here:
+            missing.insert(0, "pixel_scale")
+        lines = []
+        if off:
+            lines.append(f"warning: dataset {info.path!r} is outside the training conditions: {'; '.join(off)}; "
+                         "the predictions may be biased")
+        if missing:
+            lines.append(f"note: dataset {info.path!r} has no {', '.join(missing)} attribute(s); not checked "
+                         "against the training data")
+        for line in lines if echo is not None else ():
+            echo(line)
+        return lines
 
     # ------------------------------------------------------------------ torch.compile
     # the pure-tensor part of a training / validation step, which `compile_network` compiles
@@ -320,12 +365,25 @@ class CosmolitModule(pl.LightningModule):
                 store.setdefault(name, []).append(value.detach().reshape(-1).float())
 
     def _log_means(self, stage: str) -> None:
+        """Log the epoch mean of each gathered value. In a DDP run (several processes, each with its
+        own shard of the batches) the mean is over the batches of every process: one all-reduce of
+        the sums and counts, so every process logs the same number."""
         store = self._step_values[stage]
+        trainer = getattr(self, "_trainer", None)
+        distributed = trainer is not None and trainer.world_size > 1 and not on_ipu(self)
         for name, values in store.items():
             if not values:
                 continue
             key = f"{stage}_{name}" + ("_epoch" if stage == "train" else "")
-            self.log(key, torch.cat(values).mean(), on_step=False, on_epoch=True, prog_bar=(key == "val_loss"))
+            value = torch.cat(values)
+            if distributed:
+                total = trainer.strategy.reduce(torch.stack([value.sum(), value.new_tensor(len(value))]),
+                                                reduce_op="sum")
+                mean = total[0] / total[1]
+            else:
+                mean = value.mean()
+            # sync_dist: the reduced value is the same in every process (Lightning asks for it in DDP)
+            self.log(key, mean, on_step=False, on_epoch=True, prog_bar=(key == "val_loss"), sync_dist=distributed)
         self._step_values[stage] = {}
 
     def on_train_epoch_start(self) -> None:

@@ -44,7 +44,7 @@ from cosmolit.nn.bayes import (MeanFieldWeights, build_shape_net, kl_sum, normal
                                strip_weights)
 from cosmolit.models.targets import (CPU_CHUNK, N_SYMMETRIES, TargetTransform, check_shape_hparams, default_calibrate,
                                      monitored_metric, shape_loss, standardised_mse, transform_images)
-from cosmolit.nn.gaussian import covariance
+from cosmolit.nn.gaussian import covariance, gaussian_nll
 
 DEFAULT_TARGETS = ("e1", "e2", "redshift")
 
@@ -203,14 +203,76 @@ class BayesianShapeCNN(CosmolitModule):
         return kl_sum(locs, scales, self.prior_scale)
 
     def model(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
-        """Pyro model: weights from the N(0, prior_scale) prior, Gaussian likelihood of y (B, T)."""
+        """Pyro model (module docstring, "The declared model"): weights from the N(0, prior_scale) prior.
+
+        With targets y (B, T): the likelihood the weights are trained with, in a plate over the batch
+        scaled by train_size / B (uncalibrated, single view, as in training); returns the network's
+        standardised outputs (mean, scale_tril, scale_tril from fixed features or None) for the loss.
+        Without y: `obs` (B, T) drawn from N(mean, cov) of the draw's (symmetrised, calibrated) mean and
+        aleatoric covariance, whose moments over draws are those of `estimate`; returns (mean, cov).
+        """
         priors = self._prior_dists(self.posterior.loc[0])
         weights = {name: pyro.sample(name, prior) for name, prior in zip(self.site_names, priors)}
-        outputs = self._run_net(x, weights, fixed_features=self.hparams.loss == "decoupled")
-        mean, scale_tril = self.target_transform.to_physical(outputs[0], outputs[1])  # (B, T), (B, T, T)
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.MultivariateNormal(mean, scale_tril=scale_tril), obs=y)
+        if y is None:
+            mean, cov = self._predictive_moments(x, weights)
+            with pyro.plate("data", x.shape[0]):
+                # cholesky_ex: no error for the prior's absurd draws (Predictive runs the model alone once)
+                tril = torch.linalg.cholesky_ex(cov)[0]
+                pyro.sample("obs", dist.MultivariateNormal(mean, scale_tril=tril, validate_args=False))
+            return mean, cov
+        decoupled = self.hparams.loss == "decoupled"
+        outputs = self._run_net(x, weights, fixed_features=decoupled)
+        mean, scale_tril, fixed = outputs  # standardised: (B, T), (B, T, T), (B, T, T) | None
+        tt = self.target_transform
+        with poutine.scale(scale=self.train_size / x.shape[0]), pyro.plate("data", x.shape[0]):
+            if decoupled:  # the means: unit variance in standardised units; the covariance head apart
+                scale = tt.scale.to(mean.dtype)
+                pyro.sample("obs", dist.Normal(mean * scale + tt.offset.to(mean.dtype), scale).to_event(1), obs=y)
+                pyro.factor("aleatoric", -gaussian_nll(tt.standardise(y), mean.detach(), fixed))
+            else:
+                mean, scale_tril = tt.to_physical(mean, scale_tril, calibrated=False)
+                pyro.sample("obs", dist.MultivariateNormal(mean, scale_tril=scale_tril), obs=y)
         return outputs
+
+    def _draw_moments(self, xn: torch.Tensor, weights: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One weight set's physical, uncalibrated (mean (B, T), aleatoric cov (B, T, T)) for normalised
+        images xn, averaged over the 8 grid symmetries with `symmetrise`, BatchNorm in eval mode."""
+        tt = self.target_transform
+        n_sym = N_SYMMETRIES if self.hparams.get("symmetrise", False) else 1
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            mean, cov = 0.0, 0.0
+            for g in range(n_sym):
+                m, tril = tt.to_physical(*functional_call(self.net, weights, (transform_images(xn, g),)),
+                                         calibrated=False)
+                sign = tt.symmetry_signs(g).to(m.dtype)  # (T,)
+                mean = mean + m * sign / n_sym
+                cov = cov + covariance(tril) * sign.unsqueeze(-1) * sign / n_sym
+        finally:
+            self.net.train(was_training)
+        return mean, cov
+
+    def _predictive_moments(self, x: torch.Tensor, weights: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Calibrated (mean (B, T), cov (B, T, T)) of `obs` under one weight set, for raw images x.
+
+        `estimate` calibrates the moments over draws: mean -> (mean - c) / (1 + m), the aleatoric and
+        epistemic covariances -> D C D with D = diag(sigma_scale / (1 + m)). Per draw this is: the
+        draw's mean m_w -> (centre - c) / (1 + m) + D (m_w - centre), its covariance -> D C_w D. With
+        sigma_scale 1 the centre drops out (it is m_w); otherwise it is the mean of the posterior-mean
+        network (weights = loc, one more pass), which differs from the draws' average by a term of
+        second order in the weights' spread, so the covariance is exact and the mean nearly so.
+        """
+        tt = self.target_transform
+        xn = self.normalise(x)
+        mean, cov = self._draw_moments(xn, weights)
+        slope, intercept = tt.response[:, 0].to(mean.dtype), tt.response[:, 1].to(mean.dtype)
+        d = tt.sigma_scale.to(mean.dtype) / slope  # (T,)
+        centre = mean
+        if bool((tt.sigma_scale != 1).any()):
+            with torch.no_grad():
+                centre = self._draw_moments(xn, self.posterior.as_dict([w.detach() for w in self.posterior.loc]))[0]
+        return (centre - intercept) / slope + d * (mean - centre), cov * d.unsqueeze(-1) * d
 
     def guide(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         """Pyro guide: mean-field Normal(loc, softplus(rho)) on every weight entry."""

@@ -86,13 +86,22 @@ class ShapeCNN(CosmolitModule):
         self.target_transform = TargetTransform(targets, target_stats, calibrate, symmetrise)
 
     def forward(self, x: torch.Tensor, calibrated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, C, H, W) raw electrons -> (mean (B, T), scale_tril (B, T, T)) in the targets' units."""
+        """x (B, C, H, W) raw electrons -> (mean (B, T), scale_tril (B, T, T)) in the targets' units:
+        one pass, never symmetrised; `estimate` gives `cosmolit predict`'s numbers."""
         mean, scale_tril = self.head(self.trunk(self.normalise(x)))
         return self.target_transform.to_physical(mean, scale_tril, calibrated)
 
     def estimate(self, x: torch.Tensor, calibrated: bool = True) -> dict[str, torch.Tensor]:
         """Predictions for raw images x: {'mean' (B, T), 'cov' (B, T, T)}; with the `symmetrise`
-        hyper-parameter, averaged over the 8 grid symmetries (cosmolit.models.targets)."""
+        hyper-parameter, averaged over the 8 grid symmetries (cosmolit.models.targets). Always with
+        BatchNorm's running statistics, whatever the module's mode (`load_from_checkpoint` returns a
+        module in training mode); differentiable when autograd is on."""
+        if self.training:
+            self.eval()
+            try:
+                return self.estimate(x, calibrated)
+            finally:
+                self.train()
         if x.device.type == "cpu" and len(x) > CPU_CHUNK and not torch.is_grad_enabled() and not self.training:
             parts = [self.estimate(x[i:i + CPU_CHUNK], calibrated) for i in range(0, len(x), CPU_CHUNK)]
             return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

@@ -24,7 +24,9 @@ Response calibration
     is measured on the validation split at the end of `cosmolit fit` (a least-squares line of
     prediction on truth) and removed from every later prediction: mean -> (mean - c) / (1 + m),
     covariance rows and columns divided by (1 + m). The response is a persistent buffer, saved in
-    the checkpoint; the training loss never sees it.
+    the checkpoint; the training loss never sees it. A slope below MIN_RESPONSE leaves the target
+    uncalibrated (the network has not learned it); one outside PLAUSIBLE_RESPONSE is removed but
+    warned about in one line naming the factor 1 / slope it multiplies the predictions by.
 
 Uncertainty calibration
     Right after the response, one scale factor s_k per target is fitted on the same validation
@@ -73,6 +75,9 @@ from cosmolit.nn.gaussian import gaussian_nll
 SHAPE_LOSSES = ("decoupled", "nll", "mse")
 DEFAULT_CALIBRATE = ("e1", "e2")
 MIN_RESPONSE = 0.05  # below this slope a target is left uncalibrated: the network has not learned it
+# a calibrated response outside this band is applied but warned about: removing it multiplies the
+# predictions by 1 / slope, more than 2 below 0.5 (a network that has barely learned the target)
+PLAUSIBLE_RESPONSE = (0.5, 2.0)
 # images a shape network predicts in one pass on CPU without autograd: the activations of 16 stamps
 # stay in cache; 64 stamps at once took 1.5x longer per stamp (isolated CNN, 8 symmetries, one thread)
 CPU_CHUNK = 16
@@ -223,6 +228,10 @@ class TargetTransform(nn.Module):
                 if echo is not None:
                     echo(f"{name}: response {slope:.3f} < {MIN_RESPONSE}: the network has not learned it; left uncalibrated")
                 continue
+            low, high = PLAUSIBLE_RESPONSE
+            if not low <= slope <= high and echo is not None:
+                echo(f"warning: {name}: response {slope:.3f} is outside [{low}, {high}]: removing it multiplies "
+                     f"the {name} predictions by {1 / slope:.3g}; the network has barely learned {name}")
             self.response[k, 0] = float(slope)
             self.response[k, 1] = float(intercept)
             result[name] = {"slope": float(slope), "intercept": float(intercept)}

@@ -2,11 +2,13 @@
 
 Stamp `i` of a run always comes from SeedSequence(seed) child `i`, and stamps are written in
 fixed global blocks of UNIT stamps, in order; so the bytes of a file depend only on (config, n,
-seed), never on the number of workers, and merged shards equal a single run.
+seed), never on the number of workers, and merged shards equal a single run. Blocks (and their
+seeds) are made one at a time as the run goes, so memory does not grow with n.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import signal
 import sys
@@ -15,7 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from cosmolit.dataset import DatasetWriter, check_output_path, inspect_dataset
+from cosmolit.dataset import DatasetWriter, check_free_space, check_output_path, inspect_dataset
 from cosmolit.errors import UsageError
 from cosmolit.sim.config import SimulationConfig, config_from_yaml_text
 
@@ -49,11 +51,6 @@ def _draw_range(args: tuple) -> tuple[int, np.ndarray, np.ndarray, dict]:
     return start, np.stack(images), np.stack(cleans), np.stack(scenes), truth
 
 
-def _worker_init() -> None:
-    # Ctrl-C goes to the parent only, which terminates the pool cleanly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _check_run(n: int, seed: int, workers: int) -> None:
     for name, value in (("n", n), ("workers", workers)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -77,34 +74,81 @@ def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
     return shard * n // num_shards, (shard + 1) * n // num_shards
 
 
-def _units(lo: int, hi: int) -> list[tuple[int, int]]:
-    """Global UNIT-aligned blocks intersected with [lo, hi)."""
-    out, start = [], lo
-    while start < hi:
-        stop = min((start // UNIT + 1) * UNIT, hi)
-        out.append((start, stop))
-        start = stop
-    return out
+def _count_units(lo: int, hi: int) -> int:
+    """Number of global UNIT-aligned blocks that meet [lo, hi)."""
+    return -(-hi // UNIT) - lo // UNIT if hi > lo else 0
 
 
-def _run_units(jobs: list[tuple], workers: int) -> Iterator[tuple]:
-    """Results of _draw_range over `jobs`, in order; a pool of `workers` processes when > 1."""
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            yield _draw_range(job)
+def _unit(lo: int, hi: int, j: int) -> tuple[int, int]:
+    """Block `j` of [lo, hi): a global UNIT-aligned block intersected with [lo, hi)."""
+    base = lo // UNIT + j
+    return max(lo, base * UNIT), min(hi, (base + 1) * UNIT)
+
+
+def _units(lo: int, hi: int) -> Iterator[tuple[int, int]]:
+    """The blocks of [lo, hi) in order, one at a time."""
+    return (_unit(lo, hi, j) for j in range(_count_units(lo, hi)))
+
+
+def _worker(conn, config_yaml: str, seed: int, lo: int, hi: int, psf: bool, k: int, workers: int) -> None:
+    """Worker k of `workers`: draws blocks k, k + workers, ... of [lo, hi) and sends them, in order, on conn."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # whatever handler the parent had when it forked
+    try:
+        for j in range(k, _count_units(lo, hi), workers):
+            conn.send(_draw_range((config_yaml, seed, *_unit(lo, hi, j), psf)))  # blocks while the parent lags
+    except Exception as exc:  # handed to the parent, which raises it
+        with contextlib.suppress(OSError):  # the parent is gone
+            conn.send(exc)
+    finally:
+        conn.close()
+
+
+def _run_units(config_yaml: str, seed: int, lo: int, hi: int, workers: int, psf: bool = True) -> Iterator[tuple]:
+    """Results of _draw_range over the blocks of [lo, hi), in order; `workers` processes when > 1.
+
+    Each worker has its own pipe and no lock is shared, so a worker killed from outside (a
+    scheduler's SIGTERM reaches every process) cannot hang the parent; at most one block per
+    worker waits in a pipe, so memory stays bounded whatever the number of stamps.
+    """
+    count = _count_units(lo, hi)
+    workers = min(workers, count)
+    if workers <= 1:
+        for a, b in _units(lo, hi):
+            yield _draw_range((config_yaml, seed, a, b, psf))
         return
     method = "fork" if sys.platform.startswith("linux") else "spawn"
+    ctx = mp.get_context(method)
     if method == "fork":
-        _drawer(jobs[0][0], jobs[0][4])  # built once here, inherited by every forked worker
-    pool = mp.get_context(method).Pool(min(workers, len(jobs)), initializer=_worker_init)
+        _drawer(config_yaml, psf)  # built once here, inherited by every forked worker
+    procs, conns = [], []
     try:
-        yield from pool.imap(_draw_range, jobs, chunksize=1)
-        pool.close()
+        for k in range(workers):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, args=(send, config_yaml, seed, lo, hi, psf, k, workers), daemon=True)
+            proc.start()
+            send.close()  # the worker now holds the only write end: its death reads as EOF here
+            procs.append(proc)
+            conns.append(recv)
+        for j in range(count):
+            try:
+                result = conns[j % workers].recv()
+            except (EOFError, OSError):  # killed from outside, or by the OOM killer
+                proc = procs[j % workers]
+                proc.join()
+                raise RuntimeError(f"simulation worker {j % workers} died (exit code {proc.exitcode})") from None
+            if isinstance(result, BaseException):
+                raise result
+            yield result
     except BaseException:
-        pool.terminate()  # Ctrl-C, kill or an error: stop the workers now, the writer drops its temp file
+        for proc in procs:  # Ctrl-C, SIGTERM or an error: stop the workers now, the writer drops its temp file
+            proc.terminate()
         raise
     finally:
-        pool.join()
+        for proc in procs:
+            proc.join()
+        for conn in conns:
+            conn.close()
 
 
 def _file_attrs(config: SimulationConfig, seed: int, n_total: int, shard: int, num_shards: int, lo: int) -> dict:
@@ -139,7 +183,8 @@ def simulate_to_file(
     """Simulate `n` stamps (or shard `shard` of `num_shards` of them) into the dataset file `out`.
 
     Raises UsageError (nothing written) for bad arguments, an existing `out` without force, an
-    unwritable folder or an unusable catalog. Returns the path written.
+    unwritable folder, an output larger than the free space there or an unusable catalog.
+    Returns the path written.
     """
     from cosmolit.progress import progress_bar
     from cosmolit.sim.draw import truth_columns
@@ -156,20 +201,19 @@ def simulate_to_file(
     if num_shards > n:
         raise UsageError(f"num_shards ({num_shards}) cannot exceed n ({n})")
     out = check_output_path(out, force)
+    lo, hi = shard_range(n, shard, num_shards)
+    names, dtypes = truth_columns(config)
+    size = config.stamp_size
+    writer = DatasetWriter(out, hi - lo, config.bands, size, size, names,
+                           attrs=_file_attrs(config, seed, n, shard, num_shards, lo),
+                           clean=config.store_clean, scene=config.store_scene, truth_dtypes=dtypes)
+    check_free_space(out, writer.nbytes)  # a typo in n fails here, at once
     if config.catalog is not None:  # fail early, before any work, on a bad catalog
         from cosmolit.sim.catalog import load_catalog
 
         load_catalog(config.catalog, config.population.mag_i_max)
-    lo, hi = shard_range(n, shard, num_shards)
-    names, dtypes = truth_columns(config)
-    text = config.to_yaml()
-    jobs = [(text, seed, a, b, True) for a, b in _units(lo, hi)]
-    size = config.stamp_size
-    with DatasetWriter(out, hi - lo, config.bands, size, size, names,
-                       attrs=_file_attrs(config, seed, n, shard, num_shards, lo),
-                       clean=config.store_clean, scene=config.store_scene, truth_dtypes=dtypes) as writer, \
-            progress_bar(hi - lo, "simulating", enabled=progress) as advance:
-        for start, images, clean, scene, truth in _run_units(jobs, workers):
+    with writer, progress_bar(hi - lo, "simulating", enabled=progress) as advance:
+        for start, images, clean, scene, truth in _run_units(config.to_yaml(), seed, lo, hi, workers):
             writer.write(start - lo, images, truth, clean if config.store_clean else None,
                          scene=scene if config.store_scene else None)
             advance(len(images))
