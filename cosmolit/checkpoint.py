@@ -23,16 +23,14 @@ never leaves a truncated file under the final name.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from cosmolit.dataset import dataset_fingerprint
+from cosmolit.dataset import atomic_path, dataset_fingerprint
 from cosmolit.errors import UsageError
 
 
@@ -67,24 +65,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def save_checkpoint_atomic(checkpoint: dict, path: str | Path) -> Path:
-    """torch.save to a temporary file beside `path`, fsync, then os.replace onto `path`."""
+    """torch.save to a temporary file beside `path`, fsync, then os.replace onto `path`
+    (cosmolit.dataset.atomic_path: Ctrl-C, SIGTERM or an error leave no temporary file)."""
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)  # serialise first: a pickling error leaves no file at all
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

@@ -8,10 +8,7 @@ over the targets, and the KL of a minibatch divided by the training-set size.
 Pyro pieces:
 
 - `model(x, y=None)`: weights `pyro.sample("<layer>.weight", Normal(0, prior_scale))`, the
-  network run with them (torch.func.functional_call), `pyro.sample("obs", MultivariateNormal)`
-  in a plate over the batch, in the targets' units (calibrated); returns the network's
-  standardised outputs (mean (B, T), scale_tril (B, T, T), scale_tril from fixed features or None)
-  for the loss.
+  network run with them (torch.func.functional_call); see "The declared model".
 - `guide(x, y=None)`: `pyro.sample("<layer>.weight", Normal(loc, softplus(rho)))`; loc and rho
   are ordinary nn.Parameters of `self.posterior` (no global param store), trained by Adam.
 
@@ -25,6 +22,24 @@ model replayed against it, the KL of the guide's weight sites to the prior taken
 (no Cholesky, no triangular solve). One loss tensor, static shapes, no .item(). Targets are
 standardised, the likelihood term is `decoupled` by default and the e1, e2 response calibrated
 after training, as for ShapeCNN (cosmolit.models.targets).
+
+The declared model
+    With targets y, `model` declares the likelihood the weights are trained with, in a plate over
+    the batch scaled by train_size / B, so that Pyro's TraceMeanField_ELBO on (model, guide) is
+    train_size x the training loss plus a constant, gradients included (tests/test_bnn.py):
+    `nll`: obs ~ MultivariateNormal(mean, L L^T) of the network's outputs, its exact ELBO.
+    `decoupled`: obs ~ Normal(mean, 1) per standardised target (unit variance: the spread of
+    each target over the training split) for the means, and a factor "aleatoric", the Gaussian
+    NLL of y under the means and trunk features held fixed, which only the covariance head's
+    weights and biases see. The guide is then a generalised (Gibbs) variational posterior:
+    for the trunk and the mean rows of the head, that of a Normal likelihood of fixed variance 1
+    in standardised units, i.e. the posterior under the true residual variance s^2 tempered to
+    temperature 1 / s^2 (wider when the network does better than the training spread); for
+    the covariance rows, that of the head's NLL given the rest. Not the ELBO of one joint
+    likelihood: the stop-gradients make it two losses on disjoint weights.
+    Without y (Predictive): obs ~ N(mean_w, C_w), the draw's mean and aleatoric covariance as
+    `predict_samples` computes them (symmetrised, calibrated), so the draws' mean and covariance
+    are `estimate`'s mean and total covariance (aleatoric + epistemic).
 """
 
 from __future__ import annotations
@@ -282,8 +297,9 @@ class BayesianShapeCNN(CosmolitModule):
 
     def elbo_terms(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Graph-safe negative ELBO per sample: {'loss', 'nll', 'kl', 'mse'}; loss = mean likelihood term
-        (standardised units, `loss` hyper-parameter) + KL / train_size; mse = squared error of the
-        draw's standardised means (no gradient)."""
+        (standardised units, `loss` hyper-parameter) + KL / train_size, the declared model's
+        (TraceMeanField_ELBO / train_size, less a constant); mse = squared error of the draw's
+        standardised means (no gradient)."""
         with pyro.validation_enabled(False):
             guide_trace = poutine.trace(self.guide).get_trace(x, y)
             model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x, y)
