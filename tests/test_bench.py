@@ -371,12 +371,12 @@ def test_overhead_lightning_and_mfu_with_toy(tmp_path):
     from cosmolit.bench.results import load_results, write_results
 
     cfg = OverheadConfig(batch_size=4, steps=3, warmup_steps=1, rounds=2, parts=["lightning", "mfu"],
-                         matmul_size=128, threads=1)
+                         matmul_size=128, threads=1, epoch_images=8)
     payload = run_overhead_bench(cfg, echo=lambda m: None, factories={"cnn": toy_factory})
     names = {r["name"]: r for r in payload["results"]}
-    ratio = names["lightning_over_bare_cnn_b4"]
-    assert ratio["value"] == pytest.approx(ratio["a"]["median"] / ratio["b"]["median"])
-    assert ratio["a"]["n"] == 2 * 3 and ratio["goal"] == 1.10
+    ratio = names["lightning_epoch_over_bare_cnn_b4"]
+    assert ratio["value"] == pytest.approx(float(np.median(ratio["round_ratios"])))
+    assert ratio["a"]["n"] == 2 and ratio["a_steps"] == ratio["b_steps"] == [2 * (8 // 4)] * 2
     assert 0 < names["mfu_cnn_b4"]["value"]
     assert names["cnn_forward_gflop_per_image"]["value"] == pytest.approx(2 * 4 * 16 * 16 * 6 * 9 / 1e9
                                                                          + 2 * 3 * 1024 / 1e9)
