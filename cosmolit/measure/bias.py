@@ -117,3 +117,50 @@ def binned_bias(pred, true, x, edges) -> dict:
         for key in ("m", "m_err", "c", "c_err", "rmse", "n"):
             out[key].append(res[key])
     return out
+
+
+# ---------------------------------------------------------------------------- confidence intervals
+# Percentile bootstrap over stamps: B resamples with replacement, drawn from a fixed seed, so the same
+# stamps give the same intervals (and metrics.json the same bytes). Every call with the same number of
+# stamps draws the same resamples.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 20240
+CI_LEVEL = 0.95
+
+
+def bootstrap_means(values, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """Mean of each column of `values` (N,) or (N, K) in each of n_boot resamples of its rows, NaN
+    entries left out of their column's mean; shape (n_boot,) or (n_boot, K)."""
+    v = np.asarray(values, dtype=np.float64)
+    flat = v.reshape(v.shape[0], -1)
+    n, k = flat.shape
+    ok = np.isfinite(flat)
+    filled = np.where(ok, flat, 0.0)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_boot, k))
+    step = max(1, 4_000_000 // max(n, 1))  # resamples per chunk: a (step, N) table of counts
+    for start in range(0, n_boot, step):
+        b = min(step, n_boot - start)
+        idx = rng.integers(0, n, size=(b, n)) + (np.arange(b) * n)[:, None]
+        counts = np.bincount(idx.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[start:start + b] = (counts @ filled) / (counts @ ok.astype(np.float64))
+    return out if v.ndim > 1 else out[:, 0]
+
+
+def percentile_interval(samples, level: float = CI_LEVEL) -> list:
+    """[lo, hi], the central `level` interval of bootstrap samples (n_boot,) (non-finite left out)."""
+    s = np.asarray(samples, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return [NAN, NAN]
+    lo, hi = np.quantile(s, [0.5 - 0.5 * level, 0.5 + 0.5 * level])
+    return [float(lo), float(hi)]
+
+
+def rmse_interval(pred, true, level: float = CI_LEVEL) -> list:
+    """95 % percentile-bootstrap interval [lo, hi] of the RMSE of pred against true (finite pairs)."""
+    p, t = _pair(pred, true)
+    if p.size == 0:
+        return [NAN, NAN]
+    return percentile_interval(np.sqrt(bootstrap_means((p - t) ** 2)), level)

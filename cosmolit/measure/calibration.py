@@ -7,12 +7,14 @@ CNN's aleatoric covariance alike. Shapes: y, mean (N, T); cov (N, T, T).
 from __future__ import annotations
 
 import math
+import warnings
 from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
 
 from cosmolit.errors import UsageError
+from cosmolit.measure.bias import CI_LEVEL, bootstrap_means, percentile_interval
 
 NAN = float("nan")
 # central-interval probabilities of the calibration curve
@@ -40,13 +42,21 @@ def z_of(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + 0.5 * level)
 
 
-def coverage(y, mean, sigma, level: float) -> float:
-    """Fraction of |y - mean| <= z(level) sigma (one component, marginal interval)."""
+def covered(y, mean, sigma, level: float) -> np.ndarray:
+    """Per galaxy: 1.0 where |y - mean| <= z(level) sigma, 0.0 where not, NaN where it cannot be told
+    (non-finite values or sigma <= 0). Arrays of one shape."""
     y, mean, sigma = (np.asarray(a, dtype=np.float64) for a in (y, mean, sigma))
     keep = np.isfinite(y) & np.isfinite(mean) & np.isfinite(sigma) & (sigma > 0)
-    if not keep.any():
-        return NAN
-    return float(np.mean(np.abs(y[keep] - mean[keep]) <= z_of(level) * sigma[keep]))
+    out = np.full(y.shape, NAN)
+    out[keep] = (np.abs(y[keep] - mean[keep]) <= z_of(level) * sigma[keep]).astype(np.float64)
+    return out
+
+
+def coverage(y, mean, sigma, level: float) -> float:
+    """Fraction of |y - mean| <= z(level) sigma (one component, marginal interval)."""
+    hit = covered(y, mean, sigma, level)
+    hit = hit[np.isfinite(hit)]
+    return float(hit.mean()) if hit.size else NAN
 
 
 def gaussian_nll(y, mean, cov) -> np.ndarray:
@@ -115,6 +125,23 @@ def auroc(scores, labels) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def auroc_se(a: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUROC `a` from n_pos positives and n_neg negatives (Hanley & McNeil 1982)."""
+    if not math.isfinite(a) or n_pos < 1 or n_neg < 1:
+        return NAN
+    q1, q2 = a / (2.0 - a), 2.0 * a * a / (1.0 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    return float(math.sqrt(max(var, 0.0)))
+
+
+def normal_interval(value: float, se: float, level: float = CI_LEVEL, bounds=(0.0, 1.0)) -> list:
+    """[lo, hi] = value -+ z(level) se, clipped to `bounds`."""
+    if not (math.isfinite(value) and math.isfinite(se)):
+        return [NAN, NAN]
+    h = z_of(level) * se
+    return [max(bounds[0], value - h), min(bounds[1], value + h)]
+
+
 def spearman(a, b) -> float:
     from scipy.stats import spearmanr
 
@@ -156,14 +183,16 @@ def calibration_metrics(y, mean, cov, names: Sequence[str], epistemic_sigma=None
     Returns (plain floats and lists, ready for JSON)::
 
         coverage_68, coverage_95     mean over targets of the marginal-interval coverage
+        coverage_68_ci95, coverage_95_ci95  their 95 % percentile-bootstrap intervals over galaxies
         nll                          mean per-galaxy Gaussian NLL with the full covariance
         spearman_sigma_error         mean over targets of Spearman(sigma, |error|)
-        per_target: {name: {coverage_68, coverage_95, pull_mean, pull_std, spearman_sigma_error,
-                            sparsification_ause}}
+        per_target: {name: {coverage_68, coverage_95, coverage_68_ci95, coverage_95_ci95, pull_mean,
+                            pull_std, spearman_sigma_error, sparsification_ause}}
         calibration_curve: {levels: [...], observed: {name: [...]}}
         pulls: {name: [...]}          the pull values (for plots; evaluate_shapes drops them from JSON)
         sparsification: {name: {...}}
-        auroc_epistemic_blend        when epistemic_sigma and both classes of is_blend are given
+        auroc_epistemic_blend        when epistemic_sigma and both classes of is_blend are given, with
+        auroc_epistemic_blend_se, auroc_epistemic_blend_ci95  its Hanley-McNeil standard error and 95 % interval
         n, n_nll_failed
     """
     y, mean, cov = _check(y, mean, cov)
@@ -172,12 +201,14 @@ def calibration_metrics(y, mean, cov, names: Sequence[str], epistemic_sigma=None
         raise UsageError(f"{len(names)} target names given for {y.shape[1]} targets")
     sigma = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0, None))  # (N, T)
     err = mean - y  # (N, T)
-    per, curve, pulls, spars = {}, {}, {}, {}
+    per, curve, pulls, spars, hits = {}, {}, {}, {}, {}
     for j, name in enumerate(names):
         with np.errstate(divide="ignore", invalid="ignore"):
             pull = err[:, j] / sigma[:, j]
         pull = pull[np.isfinite(pull)]
         sp = sparsification(err[:, j], sigma[:, j])
+        for key, level in (("coverage_68", 0.6827), ("coverage_95", 0.9545)):
+            hits.setdefault(key, []).append(covered(y[:, j], mean[:, j], sigma[:, j], level))
         per[name] = {
             "coverage_68": coverage(y[:, j], mean[:, j], sigma[:, j], 0.6827),
             "coverage_95": coverage(y[:, j], mean[:, j], sigma[:, j], 0.9545),
@@ -207,6 +238,14 @@ def calibration_metrics(y, mean, cov, names: Sequence[str], epistemic_sigma=None
         "n": int(y.shape[0]),
         "n_nll_failed": int((~np.isfinite(nll)).sum()),
     }
+    # bootstrap over galaxies, the same resamples for every target: per target, and their mean
+    for key, cols in hits.items():
+        boot = bootstrap_means(np.stack(cols, axis=1))  # (B, T)
+        for j, name in enumerate(names):
+            per[name][f"{key}_ci95"] = percentile_interval(boot[:, j])
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a target with no usable galaxy
+            out[f"{key}_ci95"] = percentile_interval(np.nanmean(boot, axis=1))
     if epistemic_sigma is not None and is_blend is not None:
         eps = np.asarray(epistemic_sigma, dtype=np.float64)
         blend = np.asarray(is_blend).astype(bool)
@@ -215,5 +254,10 @@ def calibration_metrics(y, mean, cov, names: Sequence[str], epistemic_sigma=None
                 f"epistemic_sigma and is_blend must be ({y.shape[0]},), got {eps.shape} and {blend.shape}"
             )
         if blend.any() and (~blend).any():
-            out["auroc_epistemic_blend"] = auroc(eps, blend)
+            a = auroc(eps, blend)
+            ok = np.isfinite(eps)
+            se = auroc_se(a, int(blend[ok].sum()), int((~blend[ok]).sum()))
+            out["auroc_epistemic_blend"] = a
+            out["auroc_epistemic_blend_se"] = se
+            out["auroc_epistemic_blend_ci95"] = normal_interval(a, se)
     return out

@@ -19,7 +19,8 @@ import numpy as np
 
 from cosmolit.dataset import atomic_path
 from cosmolit.errors import UsageError
-from cosmolit.measure.bias import bin_edges, binned_bias, redshift_metrics, shear_bias
+from cosmolit.measure.bias import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CI_LEVEL, bin_edges, binned_bias,
+                                   redshift_metrics, rmse_interval, shear_bias)
 
 ELLIPTICITY = ("e1", "e2")
 # truth columns used as binning variables: (metrics key, candidate columns, axis label)
@@ -83,6 +84,13 @@ def _fmt(v, spec: str = ".4f") -> str:
     return format(float(v), spec)
 
 
+def _ci(v, interval, spec: str = ".4f") -> str:
+    """`value [lo, hi]`, or the value alone when there is no interval."""
+    if not interval or len(interval) != 2:
+        return _fmt(v, spec)
+    return f"{_fmt(v, spec)} [{_fmt(interval[0], spec)}, {_fmt(interval[1], spec)}]"
+
+
 # ---------------------------------------------------------------------------- shapes
 def _band_for_hsm(bands: str) -> str:
     """HSM band: i when present (deepest LSST band for shapes, cosmolit's reference band), else r, else the middle one."""
@@ -125,10 +133,16 @@ def _is_blend(truth: dict, n: int):
 
 def _target_metrics(name: str, pred, true) -> dict:
     if name in ELLIPTICITY or name in ("g1", "g2"):
-        return shear_bias(pred, true)
+        return _with_interval(shear_bias(pred, true), pred, true)
     res = redshift_metrics(pred, true)
     if name != "redshift":
         res = {k: res[k] for k in ("rmse", "bias", "n")}
+    return _with_interval(res, pred, true)
+
+
+def _with_interval(res: dict, pred, true) -> dict:
+    """res with `rmse_ci95`, the bootstrap interval of its RMSE."""
+    res["rmse_ci95"] = rmse_interval(pred, true)
     return res
 
 
@@ -138,14 +152,27 @@ def _rmse_references(pred: np.ndarray, true: np.ndarray, response: dict | None) 
     predictions, `rmse_uncalibrated`, the RMSE of the network's own estimate before that removal
     ((1 + m) pred + c). The network is trained for the smallest squared error, which shrinks its
     estimate towards zero where the data say little; removing the response undoes the shrinkage
-    (m near 0), on noisy stamps such as blends at the price of a larger RMSE."""
+    (m near 0), on noisy stamps such as blends at the price of a larger RMSE. Each with its
+    bootstrap interval (`rmse_zero_ci95`, `rmse_uncalibrated_ci95`)."""
     ok = np.isfinite(pred) & np.isfinite(true)  # the galaxies the RMSE counts
     pred, true = pred[ok], true[ok]
-    out = {"rmse_zero": float(np.sqrt(np.mean(true ** 2))) if true.size else float("nan")}
+    out = {"rmse_zero": float(np.sqrt(np.mean(true ** 2))) if true.size else float("nan"),
+           "rmse_zero_ci95": rmse_interval(np.zeros_like(true), true)}
     if response and true.size:
         raw = pred * float(response["slope"]) + float(response["intercept"])
         out["rmse_uncalibrated"] = float(np.sqrt(np.mean((raw - true) ** 2)))
+        out["rmse_uncalibrated_ci95"] = rmse_interval(raw, true)
     return out
+
+
+def _rmse_mean(true: np.ndarray) -> dict:
+    """The trivial baseline of a target other than e: `rmse_mean`, the RMSE of answering the mean of
+    the true values on these very stamps for every galaxy (their standard deviation, the best any
+    constant answer can do), with its bootstrap interval `rmse_mean_ci95`."""
+    t = true[np.isfinite(true)]
+    if t.size == 0:
+        return {"rmse_mean": float("nan"), "rmse_mean_ci95": [float("nan")] * 2}
+    return {"rmse_mean": float(t.std()), "rmse_mean_ci95": rmse_interval(np.full_like(t, t.mean()), t)}
 
 
 def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], truth: dict,
@@ -202,6 +229,9 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
                                if calibration_source else "validation split"),
         "data_overlap": list(data_overlap),
         "dataset_warnings": list(warnings),
+        "confidence_intervals": {"level": CI_LEVEL, "rmse_and_coverage": "percentile bootstrap over stamps",
+                                 "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED,
+                                 "auroc": "Hanley-McNeil (1982) standard error, value -+ 1.96 se"},
     }
     if bnn_seed is not None:
         metrics["bnn_seed"] = int(bnn_seed)
@@ -209,6 +239,8 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
         metrics[name] = _target_metrics(name, mu[:, j], y[:, j])
         if name in ELLIPTICITY:
             metrics[name].update(_rmse_references(mu[:, j], y[:, j], (response or {}).get(name)))
+        else:
+            metrics[name].update(_rmse_mean(y[:, j]))
 
     # ---- calibration of the predicted covariance
     cal = None
@@ -223,10 +255,11 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
             eps_sigma = np.sqrt(np.clip(np.diagonal(ecov, axis1=1, axis2=2)[:, cols], 0, None).mean(1))  # (N,)
         cal = calibration_metrics(y, mu, cov, names, epistemic_sigma=eps_sigma, is_blend=_is_blend(truth, n))
         metrics["uncertainty"] = "total (aleatoric + epistemic)" if model_kind == "bnn" else "aleatoric"
-        for key in ("coverage_68", "coverage_95", "nll", "spearman_sigma_error"):
+        for key in ("coverage_68", "coverage_95", "nll", "spearman_sigma_error", "coverage_68_ci95", "coverage_95_ci95"):
             metrics[key] = cal[key]
-        if "auroc_epistemic_blend" in cal:
-            metrics["auroc_epistemic_blend"] = cal["auroc_epistemic_blend"]
+        for key in ("auroc_epistemic_blend", "auroc_epistemic_blend_se", "auroc_epistemic_blend_ci95"):
+            if key in cal:
+                metrics[key] = cal[key]
         for name in names:
             metrics[name].update(cal["per_target"][name])
         metrics["calibration"] = {"curve": cal["calibration_curve"], "n_nll_failed": cal["n_nll_failed"],
@@ -254,11 +287,12 @@ def evaluate_shapes(out_dir, y_true, mean, cov, target_names: Sequence[str], tru
             entry: dict[str, Any] = {}
             for name in ell:
                 j = names.index(name)
-                entry[name] = shear_bias(res[name][ok], y[ok, j])
+                entry[name] = _with_interval(shear_bias(res[name][ok], y[ok, j]), res[name][ok], y[ok, j])
             entry.update(failure_summary(res))
             # REGAUSS's corrected distortion is unbounded on noisy stamps; count |e| > 1 (kept, not hidden)
             entry["n_abs_e_gt_1"] = int(np.sum(np.hypot(res["e1"][ok], res["e2"][ok]) > 1.0))
-            entry["network"] = {name: shear_bias(mu[ok, names.index(name)], y[ok, names.index(name)]) for name in ell}
+            entry["network"] = {name: _target_metrics(name, mu[ok, names.index(name)], y[ok, names.index(name)])
+                                for name in ell}
             entry.update({"band": band, "psf": psf_words,
                           "pixel_scale": dataset_info.pixel_scale,
                           "sky_var": "per stamp, (1.4826 MAD)^2 of the 4-pixel border",
@@ -344,10 +378,12 @@ def _shapes_report(m: dict, figures) -> str:
                   + " RMSE of e = 0 | m | c | n |", "|---|---|---|---|---|---|" + ("---|" if raw else "")]
         for nm in ell:
             t = m[nm]
-            lines.append(f"| {nm} | {_fmt(t['rmse'])} |" + (f" {_fmt(t['rmse_uncalibrated'])} |" if raw else "")
-                         + f" {_fmt(t.get('rmse_zero'))} | {_fmt(t['m'])} ± {_fmt(t['m_err'])} | "
+            lines.append(f"| {nm} | {_ci(t['rmse'], t.get('rmse_ci95'))} |"
+                         + (f" {_ci(t['rmse_uncalibrated'], t.get('rmse_uncalibrated_ci95'))} |" if raw else "")
+                         + f" {_ci(t.get('rmse_zero'), t.get('rmse_zero_ci95'))} | {_fmt(t['m'])} ± {_fmt(t['m_err'])} | "
                          f"{_fmt(t['c'], '.5f')} ± {_fmt(t['c_err'], '.5f')} | {t['n']} |")
-        lines += ["", "RMSE of e = 0: what answering e = 0 for every galaxy would score."
+        lines += ["", "[lo, hi]: 95% intervals (percentile bootstrap over the stamps; m and c: ± one standard error). "
+                  "RMSE of e = 0: what answering e = 0 for every galaxy would score."
                   + (" Before the response removal: the network's own estimate, which its squared-error "
                      "training shrinks towards 0 where the stamp says little (its m is the response below "
                      "minus 1); removing the response brings m near 0, and where the noise is large it raises the RMSE."
@@ -374,7 +410,8 @@ def _shapes_report(m: dict, figures) -> str:
         t = m[nm]
         extra = (f", |dz|/(1+z) mean {_fmt(t['abs_dz_norm_mean'])}, sigma_NMAD {_fmt(t['sigma_nmad'])}, "
                  f"outliers (>0.15) {_fmt(t['outlier_frac'], '.3f')}") if "sigma_nmad" in t else ""
-        lines.append(f"- {nm}: RMSE {_fmt(t['rmse'])}, bias {_fmt(t['bias'])}{extra}")
+        lines.append(f"- {nm}: RMSE {_ci(t['rmse'], t.get('rmse_ci95'))} (answering the mean of the true values: "
+                     f"{_ci(t.get('rmse_mean'), t.get('rmse_mean_ci95'))}), bias {_fmt(t['bias'])}{extra}")
     lines.append("")
     if "coverage_68" in m:
         lines += [f"## Uncertainties ({m.get('uncertainty', '')})", "",
@@ -382,13 +419,20 @@ def _shapes_report(m: dict, figures) -> str:
                   "|---|---|---|---|---|---|"]
         for nm in names:
             t = m[nm]
-            lines.append(f"| {nm} | {_fmt(t.get('coverage_68'), '.3f')} | {_fmt(t.get('coverage_95'), '.3f')} | "
+            lines.append(f"| {nm} | {_ci(t.get('coverage_68'), t.get('coverage_68_ci95'), '.3f')} | "
+                         f"{_ci(t.get('coverage_95'), t.get('coverage_95_ci95'), '.3f')} | "
                          f"{_fmt(t.get('pull_mean'), '.3f')} | {_fmt(t.get('pull_std'), '.3f')} | "
                          f"{_fmt(t.get('spearman_sigma_error'), '.3f')} |")
-        lines += ["", f"Gaussian NLL with the full covariance (mean per galaxy): {_fmt(m['nll'])}."]
+        lines += [f"| mean | {_ci(m['coverage_68'], m.get('coverage_68_ci95'), '.3f')} | "
+                  f"{_ci(m['coverage_95'], m.get('coverage_95_ci95'), '.3f')} | | | "
+                  f"{_fmt(m.get('spearman_sigma_error'), '.3f')} |"]
+        lines += ["", "Coverage: [lo, hi] is the 95% percentile-bootstrap interval over the stamps.",
+                  f"Gaussian NLL with the full covariance (mean per galaxy): {_fmt(m['nll'])}."]
         if "auroc_epistemic_blend" in m:
             lines.append(f"AUROC of the epistemic sigma for telling blends from isolated galaxies: "
-                         f"{_fmt(m['auroc_epistemic_blend'], '.3f')}.")
+                         f"{_ci(m['auroc_epistemic_blend'], m.get('auroc_epistemic_blend_ci95'), '.3f')} "
+                         f"(standard error {_fmt(m.get('auroc_epistemic_blend_se'), '.3f')}, Hanley-McNeil; "
+                         "interval ± 1.96 se).")
         lines.append("")
     hsm_keys = [k for k in ("hsm_regauss", "hsm_ksb") if k in m]
     if hsm_keys:
@@ -406,8 +450,8 @@ def _shapes_report(m: dict, figures) -> str:
             for nm in ell:
                 a, b = h[nm], h["network"][nm]
                 lines.append(f"| {k[4:].upper()} | {h['n_failed']}/{h['n']} ({_fmt(h['failure_rate'], '.1%')}) | {nm} | "
-                             f"{_fmt(a['rmse'])} | {_fmt(a['m'])} ± {_fmt(a['m_err'])} | "
-                             f"{_fmt(a['c'], '.5f')} ± {_fmt(a['c_err'], '.5f')} | {_fmt(b['rmse'])} | "
+                             f"{_ci(a['rmse'], a.get('rmse_ci95'))} | {_fmt(a['m'])} ± {_fmt(a['m_err'])} | "
+                             f"{_fmt(a['c'], '.5f')} ± {_fmt(a['c_err'], '.5f')} | {_ci(b['rmse'], b.get('rmse_ci95'))} | "
                              f"{_fmt(b['m'])} ± {_fmt(b['m_err'])} |")
         lines.append("")
     elif "hsm_skipped" in m:
@@ -512,6 +556,7 @@ def evaluate_generation(out_dir, real_images, generated, bands: str, pixel_scale
             "rmse_per_band": {b: float(np.sqrt(np.mean(diff[:, k] ** 2))) for k, b in enumerate(bands)},
             "median_relative_flux_error": {b: _median(rel[:, k]) for k, b in enumerate(bands)},
             "ks": rks["ks"],
+            "ks_pvalue": rks["ks_pvalue"],
             "median_size": {"target": _median(ts["stats"]["size"]), "reconstruction": _median(rcs["stats"]["size"])},
             "shape_transfer": transfer,
         }
@@ -557,8 +602,10 @@ def _generation_report(m: dict, figures) -> str:
                   + ", ".join(f"{b} {_fmt(v, '+.3f')}" for b, v in r["median_relative_flux_error"].items()) + ".", ""]
         if "shape_transfer" in r:
             st = r["shape_transfer"]
-            lines += [f"Reconstructions against their targets: KS size {_fmt(r['ks'].get('size'), '.3f')}, "
-                      f"KS abs(e) {_fmt(r['ks'].get('abs_e'), '.3f')}. Shape response (sum e_rec.e_true / "
+            pv = r.get("ks_pvalue") or {}
+            lines += [f"Reconstructions against their targets: KS size {_fmt(r['ks'].get('size'), '.3f')} "
+                      f"(p-value {_fmt(pv.get('size'), '.3g')}), KS abs(e) {_fmt(r['ks'].get('abs_e'), '.3f')} "
+                      f"(p-value {_fmt(pv.get('abs_e'), '.3g')}). Shape response (sum e_rec.e_true / "
                       "sum e_true.e_true; 1 when the reconstructions keep the shapes, below 1 when they are rounder):",
                       "", "| targets | n | median abs(e) target | median abs(e) reconstruction | shape response |",
                       "|---|---|---|---|---|"]
