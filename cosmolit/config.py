@@ -8,6 +8,7 @@ instance or raises UsageError with one line naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from pathlib import Path
@@ -151,3 +152,11 @@ def load_config(path: str | Path | None, schema: type[T], overrides: dict | None
 
 def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=False)
+
+
+def accepted_kwargs(cls, values: dict) -> dict:
+    """The entries of `values` that `cls(...)` accepts as keyword arguments (all of them if it takes **kwargs)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return values
+    return {k: v for k, v in values.items() if k in params}

@@ -522,7 +522,7 @@ class GalaxyDataModule(pl.LightningDataModule):
     def _shard(self) -> tuple[int, int]:
         """(rank, world size) of this process in the Trainer's DDP run; (0, 1) outside one, on an IPU
         (whose replicas share one process) and once `sharded` is False."""
-        from cosmolit.backends import on_ipu
+        from cosmolit.runtime import on_ipu
 
         trainer = getattr(self, "trainer", None)
         if not self.sharded or trainer is None or trainer.world_size <= 1 or on_ipu(self):
@@ -536,7 +536,7 @@ class GalaxyDataModule(pl.LightningDataModule):
             self.train_sampler.set_shard(*shard)
             return DataLoader(ds, sampler=self.train_sampler, drop_last=True, **kwargs)
         # An IPU runs a static graph: every batch, validation included, must have the same shape.
-        from cosmolit.backends import on_ipu
+        from cosmolit.runtime import on_ipu
 
         rank, world = shard
         if world > 1:  # every world-th validation stamp, in file order

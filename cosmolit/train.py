@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import inspect
 import os
 import signal
 import warnings
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from cosmolit.config import dump_yaml, from_dict, read_yaml
+from cosmolit.config import accepted_kwargs, dump_yaml, from_dict, read_yaml
 from cosmolit.errors import CosmolitError, UsageError
 
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "64-true")
@@ -113,10 +112,26 @@ def model_config_class(kind: str):
     return getattr(module, f"{cls.__name__}Config")
 
 
+# Per model, the data and trainer settings that configs/<kind>.yaml holds and the documented quality
+# was measured with, so that a fit without --config trains as the presets do (the model sections'
+# own defaults are those of the presets already); a config file or the command line overrides them.
+KIND_DEFAULTS = {
+    "cnn": {"trainer": {"epochs": 30}},
+    "bnn": {"data": {"batch_size": 8}, "trainer": {"epochs": 100}},
+    "vae": {"trainer": {"epochs": 24}},
+}
+
+
 def load_fit_config(kind: str, path: str | Path | None, overrides: dict[str, dict]) -> tuple[FitConfig, Any]:
-    """Read a fit config, apply CLI overrides per section, validate every section strictly."""
+    """Read a fit config over the model's KIND_DEFAULTS, apply CLI overrides per section, validate
+    every section strictly."""
     raw = read_yaml(path) if path is not None else {}
     where = Path(path).name if path is not None else "config"
+    for section, values in KIND_DEFAULTS.get(kind, {}).items():
+        sect = raw.setdefault(section, {})
+        if isinstance(sect, dict):  # anything else is refused below, in from_dict
+            for key, value in values.items():
+                sect.setdefault(key, value)
     for section, values in overrides.items():
         for key, value in values.items():
             if value is not None:
@@ -129,11 +144,6 @@ def load_fit_config(kind: str, path: str | Path | None, overrides: dict[str, dic
     return cfg, model_cfg
 
 
-def _accepted_kwargs(cls, values: dict) -> dict:
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return values
-    return {k: v for k, v in values.items() if k in params}
 
 
 def _provenance_callback(kind: str, seed: int, config_yaml: str):
@@ -470,7 +480,7 @@ def fit(
         target_stats=None if is_vae else dm.target_stats,
     )
     new_data = bool(resumed_hparams) and _keep_resumed_scales(model_kwargs, resumed_hparams, info, echo)
-    model = cls(**_accepted_kwargs(cls, model_kwargs))
+    model = cls(**accepted_kwargs(cls, model_kwargs))
     if cfg.trainer.compile:
         if accel == "ipu" and cfg.trainer.compile is True:
             raise UsageError("trainer.compile is for cpu and gpu; on an IPU PopTorch compiles the step itself "

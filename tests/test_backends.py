@@ -83,7 +83,7 @@ def test_ipu_on_new_lightning_names_the_pinned_stack():
 
 @pytest.mark.skipif(not is_ipu_stack(), reason="needs pytorch-lightning 2.0.x")
 def test_ipu_without_poptorch_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(backends.select, "poptorch_available", lambda: False)
+    monkeypatch.setattr(backends.ipu_options, "poptorch_available", lambda: False)
     with pytest.raises(UsageError) as exc:
         trainer_kwargs("ipu", 1, "32-true", 0, echo=lambda s: None)
     msg = str(exc.value)

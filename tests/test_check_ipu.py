@@ -120,7 +120,7 @@ def test_backward_ops_are_not_checked():
 
 
 def test_cli_check_ipu_reports_and_writes_json(monkeypatch, tmp_path):
-    import cosmolit.backends.check as check
+    import cosmolit.cli.ipu as check
 
     monkeypatch.setattr(check, "build_model", lambda kind, config=None, **kw: Toy("item"))
     out = tmp_path / "report.json"
@@ -145,7 +145,7 @@ def test_cli_check_ipu_usage_errors(tmp_path):
 
 @pytest.mark.parametrize("kind", ["cnn", "bnn", "vae"])
 def test_real_models_are_ipu_ready(kind):
-    from cosmolit.backends.check import check_model
+    from cosmolit.cli.ipu import check_model
 
     report = check_model(kind, batch_size=4)
     assert report.ok, report.format()

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 import cosmolit.nn.conv as conv_module
-from cosmolit.backends.compiling import tracing_check
 from cosmolit.errors import UsageError
 from cosmolit.nn.conv import Conv2d, conv2d_weight_grad
 from cosmolit.nn.gaussian import GaussianHead, covariance, gaussian_nll, head_to_gaussian, tril_size
+from cosmolit.nn.tracing import tracing_check
 from cosmolit.nn.trunk import ElementwisePReLU, Trunk
 
 

@@ -91,7 +91,7 @@ def bench_train(kind: str, batch: int, args) -> dict:
     import torch
 
     from cosmolit.backends import trainer_kwargs
-    from cosmolit.backends.check import build_model
+    from cosmolit.cli.ipu import build_model
     from cosmolit.bench.callbacks import TimingCallback, images_per_second, study_seconds
 
     pl.seed_everything(args.seed)
@@ -121,7 +121,7 @@ def bench_generate(n: int, args) -> dict:
     import poptorch
     import torch
 
-    from cosmolit.backends.check import build_model
+    from cosmolit.cli.ipu import build_model
     from cosmolit.backends.ipu import poptorch_options
     from cosmolit.bench.callbacks import images_per_second, summarize
 

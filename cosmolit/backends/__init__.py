@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from cosmolit.runtime import on_ipu  # noqa: F401  (part of this package's interface)
 from cosmolit.backends.select import (
     ACCELERATORS,
     IPUOptions,
@@ -23,14 +24,6 @@ from cosmolit.backends.select import (
 
 # Set by cosmolit.backends.check while it records a step: called with each loss mark_loss sees.
 _loss_hook: Optional[Callable] = None
-
-
-def on_ipu(module) -> bool:
-    """True when `module` (a LightningModule or LightningDataModule) is being run by Lightning's IPUStrategy."""
-    # LightningModule keeps it in `_trainer` (its `trainer` property raises when detached);
-    # LightningDataModule in a plain `trainer` attribute.
-    trainer = module._trainer if hasattr(module, "_trainer") else getattr(module, "trainer", None)
-    return trainer is not None and type(trainer.strategy).__name__ == "IPUStrategy"
 
 
 def mark_loss(module, loss):

@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 
 OPS_FILE = Path(__file__).with_name("poptorch_ops.txt")
 
@@ -461,23 +461,10 @@ def check_module(module, batch_a, batch_b, name: str = "model") -> CheckReport:
                        stages=stages, notes=notes)
 
 
-# ----------------------------------------------------------------------------- the three models
+# ----------------------------------------------------------------------------- synthetic batches
 
 DEFAULT_BANDS = "ugrizy"
 DEFAULT_STAMP = 64
-
-
-def build_model(kind: str, config: Optional[str | Path] = None, bands: str = DEFAULT_BANDS, stamp: int = DEFAULT_STAMP,
-                train_size: int = 8000):
-    """A model of `kind` with its default (or the YAML's) hyper-parameters, as `cosmolit fit` builds it."""
-    from cosmolit.models import model_class
-    from cosmolit.train import _accepted_kwargs, load_fit_config
-
-    _, model_cfg = load_fit_config(kind, config, {})
-    cls = model_class(kind)
-    kwargs = dict(dataclasses.asdict(model_cfg))
-    kwargs.update(bands=bands, stamp=stamp, train_size=train_size)
-    return cls(**_accepted_kwargs(cls, kwargs))
 
 
 def synthetic_batches(kind: str, model, batch_size: int, bands: str = DEFAULT_BANDS, stamp: int = DEFAULT_STAMP,
@@ -504,17 +491,3 @@ def synthetic_batches(kind: str, model, batch_size: int, bands: str = DEFAULT_BA
         return torch.from_numpy(noisy), y
 
     return one(), one()
-
-
-def check_model(kind: str, config: Optional[str | Path] = None, batch_size: int = 8, seed: int = 0) -> CheckReport:
-    """Build model `kind` and check it (the body of `cosmolit check-ipu`)."""
-    import torch
-
-    from cosmolit.errors import UsageError
-
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise UsageError(f"--batch-size must be a positive integer, got {batch_size!r}")
-    torch.manual_seed(seed)
-    model = build_model(kind, config)
-    batch_a, batch_b = synthetic_batches(kind, model, batch_size, seed=seed)
-    return check_module(model, batch_a, batch_b, name=kind)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from cosmolit.backends.select import IPU_PRECISIONS, IPUOptions, check_ipu_stack
+from cosmolit.backends.ipu_options import IPU_PRECISIONS, IPUOptions, check_ipu_stack
 from cosmolit.errors import UsageError
 
 

@@ -145,14 +145,15 @@ def build_bench_model(kind: str, loss: Optional[str] = None, bands: str = "ugriz
     import dataclasses
 
     from cosmolit.models import model_class
-    from cosmolit.train import _accepted_kwargs, model_config_class
+    from cosmolit.config import accepted_kwargs
+    from cosmolit.train import model_config_class
 
     cls = model_class(kind)
     kwargs = dataclasses.asdict(model_config_class(kind)())
     kwargs.update(bands=bands, stamp=stamp, train_size=train_size)
     if loss is not None:
         kwargs["loss"] = loss
-    return cls(**_accepted_kwargs(cls, kwargs))
+    return cls(**accepted_kwargs(cls, kwargs))
 
 
 def loss_function(model) -> Callable:

@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from cosmolit.backends.check import DEFAULT_BANDS, DEFAULT_STAMP, CheckReport, check_module, synthetic_batches
 from cosmolit.cli._app import command
 from cosmolit.errors import UsageError
+
+
+def build_model(kind: str, config: Optional[str | Path] = None, bands: str = DEFAULT_BANDS, stamp: int = DEFAULT_STAMP,
+                train_size: int = 8000):
+    """A model of `kind` with its default (or the YAML's) hyper-parameters, as `cosmolit fit` builds it."""
+    from cosmolit.config import accepted_kwargs
+    from cosmolit.models import model_class
+    from cosmolit.train import load_fit_config
+
+    _, model_cfg = load_fit_config(kind, config, {})
+    cls = model_class(kind)
+    kwargs = dict(dataclasses.asdict(model_cfg))
+    kwargs.update(bands=bands, stamp=stamp, train_size=train_size)
+    return cls(**accepted_kwargs(cls, kwargs))
+
+
+def check_model(kind: str, config: Optional[str | Path] = None, batch_size: int = 8, seed: int = 0) -> CheckReport:
+    """Build model `kind` and check it (the body of `cosmolit check-ipu`)."""
+    import torch
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise UsageError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    torch.manual_seed(seed)
+    model = build_model(kind, config)
+    batch_a, batch_b = synthetic_batches(kind, model, batch_size, seed=seed)
+    return check_module(model, batch_a, batch_b, name=kind)
 
 
 @command("check-ipu")
@@ -24,7 +52,6 @@ def check_ipu(
     """Run one training step (+ backward) and one predict step on the CPU under an operator recorder and
     report what PopTorch 3.4 would refuse: unlowered aten ops, host synchronisation, data-dependent
     shapes, a missing or extra loss. Exit 0 when clean, 1 otherwise."""
-    from cosmolit.backends.check import check_model
     from cosmolit.models import MODEL_KINDS
 
     if model not in MODEL_KINDS:

@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 from cosmolit.errors import UsageError
-from cosmolit.nn.gaussian import gaussian_nll
+from cosmolit.nn.gaussian import shape_loss  # noqa: F401 (re-exported: cosmolit.models.targets.shape_loss)
 
 SHAPE_LOSSES = ("decoupled", "nll", "mse")
 DEFAULT_CALIBRATE = ("e1", "e2")
@@ -288,23 +288,6 @@ def monitored_metric(loss: str) -> str:
 def standardised_mse(y: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """Mean squared error over batch and targets, standardised units (y, mean (B, T)) -> ()."""
     return ((mean.detach() - y) ** 2).mean()
-
-
-def shape_loss(kind: str, y: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor,
-               scale_tril_fixed_features: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-sample loss (B,) in standardised units (see the module docstring).
-
-    `scale_tril_fixed_features` is the covariance factor computed from detached trunk features
-    (decoupled only); the means (B, T) carry the gradient of the squared error.
-    """
-    if kind == "nll":
-        return gaussian_nll(y, mean, scale_tril)
-    squared = 0.5 * ((mean - y) ** 2).sum(-1)  # (B,)
-    if kind == "mse":
-        return squared
-    if scale_tril_fixed_features is None:
-        raise ValueError("the decoupled loss needs the covariance factor computed on detached features")
-    return squared + gaussian_nll(y, mean.detach(), scale_tril_fixed_features)
 
 
 CALIBRATION_DRAWS = 16  # BNN weight draws per stamp when calibrating (the moments converge fast)

@@ -82,9 +82,10 @@ class GalaxyVAEConfig:
     filters: tuple[int, ...] = (32, 64, 128, 256)
     prelu: str = "element"
     kl_weight: float = 0.01
-    recon_sigma: Union[float, str, None] = "optimal"
+    # the measured settings (README, quality); the module's own defaults stay those of older checkpoints
+    recon_sigma: Union[float, str, None] = "stamp"
     lr: float = 1e-3
-    lr_schedule: str = "constant"
+    lr_schedule: str = "cosine"
     flow_layers: int = 8
     flow_hidden: tuple[int, ...] = (256, 256)
     flow_epochs: int = 100

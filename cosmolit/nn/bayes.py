@@ -169,7 +169,7 @@ def run_shape_net(net: nn.Module, weights: dict, x: torch.Tensor, fixed_features
 class TorchBayesianShapeNet(nn.Module):
     """Reference BNN without Pyro: the same layers, priors, guide and loss as BayesianShapeCNN.
 
-    `loss(x, y)` = mean likelihood term (cosmolit.models.targets.shape_loss, `loss` decoupled or
+    `loss(x, y)` = mean likelihood term (cosmolit.nn.gaussian.shape_loss, `loss` decoupled or
     nll) + KL / train_size with one reparameterised weight draw, written directly in torch. x is the
     network input (already normalised), (B, C, H, W); y the targets as the network sees them.
     """
@@ -192,7 +192,7 @@ class TorchBayesianShapeNet(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean likelihood term + KL / train_size with one weight draw (softplus computed once)."""
-        from cosmolit.models.targets import shape_loss
+        from cosmolit.nn.gaussian import shape_loss
 
         scales, weights = self.weights.draw(self.weights.noise())
         mean, scale_tril, fixed = run_shape_net(self.net, self.weights.as_dict(weights), x,

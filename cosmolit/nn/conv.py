@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosmolit.backends.compiling import tracing_check
+from cosmolit.nn.tracing import tracing_check
 
 # the product is used where (output positions) <= ROWS_PER_FILTER * (output channels)
 ROWS_PER_FILTER = 1

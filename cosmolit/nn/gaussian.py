@@ -12,6 +12,7 @@ solve_triangular, inverse or MultivariateNormal.log_prob, which PopTorch 3.4 can
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -100,3 +101,20 @@ def gaussian_nll(y: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor) 
 def covariance(scale_tril: torch.Tensor) -> torch.Tensor:
     """L L^T (B, d, d) from scale_tril (B, d, d)."""
     return scale_tril @ scale_tril.transpose(-1, -2)
+
+
+def shape_loss(kind: str, y: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor,
+               scale_tril_fixed_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample loss (B,) in standardised units (the losses are described in cosmolit.models.targets).
+
+    `scale_tril_fixed_features` is the covariance factor computed from detached trunk features
+    (decoupled only); the means (B, T) carry the gradient of the squared error.
+    """
+    if kind == "nll":
+        return gaussian_nll(y, mean, scale_tril)
+    squared = 0.5 * ((mean - y) ** 2).sum(-1)  # (B,)
+    if kind == "mse":
+        return squared
+    if scale_tril_fixed_features is None:
+        raise ValueError("the decoupled loss needs the covariance factor computed on detached features")
+    return squared + gaussian_nll(y, mean.detach(), scale_tril_fixed_features)

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosmolit.backends.compiling import tracing_check
 from cosmolit.errors import UsageError
 from cosmolit.nn.conv import Conv2d
+from cosmolit.nn.tracing import tracing_check
 
 PRELU_KINDS = ("element", "channel")
 _PRELU_KERNEL = getattr(torch, "_prelu_kernel", None)  # fused, broadcasting PReLU (torch >= 2.0)
@@ -46,7 +46,7 @@ def _is_nhwc(x: torch.Tensor) -> bool:
         return False
 
 
-# None before torch 2.3 (cosmolit.backends.compiling.tracing_check): there torch 2.0's Dynamo also
+# None before torch 2.3 (cosmolit.nn.tracing.tracing_check): there torch 2.0's Dynamo also
 # mis-traces the custom Function below (the IPU stack's CI run gave a loss of 1e32), so older torch
 # keeps the kernel.
 _IS_COMPILING = tracing_check()
