@@ -18,7 +18,8 @@ from cosmolit.checkpoint import read_checkpoint
 from cosmolit.cli import app
 from cosmolit.errors import UsageError
 
-CONFIG = "model: {filters: [4, 8]}\ndata: {val_fraction: 0.25}\ntrainer: {log_every_n_steps: 1}\n"
+# constant rate: static-graph mode takes no schedule (the VAE's default is cosine)
+CONFIG = "model: {filters: [4, 8], lr_schedule: constant}\ndata: {val_fraction: 0.25}\ntrainer: {log_every_n_steps: 1}\n"
 FALLBACK = "static-graph mode unavailable: no CUDA device; running eager steps instead"
 
 
